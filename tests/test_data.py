@@ -1,0 +1,93 @@
+"""The SPEC section-1 split and the dataset class."""
+import os
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from utils.data import SceneDataset, eval_transform, split_files
+from utils.errors import UserError
+
+
+def make_tree(root, counts, ext="tif"):
+    for name, n in counts.items():
+        d = os.path.join(root, "scenes", name)
+        os.makedirs(d)
+        for i in range(n):
+            Image.new("RGB", (4, 4), (i % 256, 0, 0)).save(os.path.join(d, f"img{i:03d}.{ext}"))
+
+
+def test_split_counts_follow_python_float_products(tmp_path):
+    make_tree(str(tmp_path), {"b_small": 10, "a_big": 90, "c_odd": 7})
+    sizes = {s: len(SceneDataset(str(tmp_path), "scenes", s)) for s in ("train", "val", "test")}
+    # int(0.7*90) = 62 (0.7*90 = 62.99999...), int(0.8*90) = 72; 10 -> 7/1/2; 7 -> int(4.8999)=4, int(5.6)=5 -> 4/1/2
+    assert sizes == {"train": 62 + 7 + 4, "val": 10 + 1 + 1, "test": 18 + 2 + 2}
+
+
+def test_split_counts_for_700():
+    files = [f"f{i}" for i in range(700)]
+    assert [len(split_files(files, s)) for s in ("train", "val", "test")] == [489, 71, 140]
+
+
+def test_exact_order_small_case(tmp_path):
+    make_tree(str(tmp_path), {"cls_b": 5, "cls_a": 6})
+    ds = SceneDataset(str(tmp_path), "scenes", "train")
+    assert ds.classes == ["cls_a", "cls_b"]
+    # Independently: per class, files sorted by path, random.seed(42), shuffle, first int(0.7 n).
+    expected = []
+    for label, name in enumerate(["cls_a", "cls_b"]):
+        d = os.path.join(str(tmp_path), "scenes", name)
+        files = sorted(os.path.join(d, f) for f in os.listdir(d))
+        rng = random.Random(42)
+        rng.shuffle(files)
+        expected += [(p, label) for p in files[:int(0.7 * len(files))]]
+    assert ds.samples == expected
+    assert ds.labels.tolist() == [label for _, label in expected]
+    val = SceneDataset(str(tmp_path), "scenes", "val")
+    test = SceneDataset(str(tmp_path), "scenes", "test")
+    # The three splits partition every class.
+    everything = sorted(p for p, _ in ds.samples + val.samples + test.samples)
+    assert everything == sorted(os.path.join(str(tmp_path), "scenes", c, f)
+                                for c in ["cls_a", "cls_b"] for f in os.listdir(os.path.join(str(tmp_path), "scenes", c)))
+
+
+def test_split_is_deterministic_and_ignores_global_random_state(tmp_path):
+    make_tree(str(tmp_path), {"x": 20, "y": 13})
+    first = SceneDataset(str(tmp_path), "scenes", "test").samples
+    random.seed(123)
+    assert SceneDataset(str(tmp_path), "scenes", "test").samples == first
+
+
+def test_extension_matches_case_insensitively_and_not_recursively(tmp_path):
+    make_tree(str(tmp_path), {"a": 4}, ext="TIF")
+    os.makedirs(os.path.join(str(tmp_path), "scenes", "a", "nested"))
+    Image.new("RGB", (4, 4)).save(os.path.join(str(tmp_path), "scenes", "a", "nested", "x.tif"))
+    ds = SceneDataset(str(tmp_path), "scenes", "train", ext="tif")
+    assert len(ds) == int(0.7 * 4)
+
+
+def test_items_are_dicts_with_memory_index(tmp_path):
+    make_tree(str(tmp_path), {"a": 5, "b": 5})
+    ds = SceneDataset(str(tmp_path), "scenes", "train", transform=eval_transform(8))
+    item = ds[3]
+    assert set(item) == {"img", "label", "idx"} and item["idx"] == 3
+    assert item["img"].shape == (3, 8, 8) and item["label"] == ds.labels[3].item()
+
+
+@pytest.mark.parametrize("counts,message", [
+    ({"a": 5, "empty": 0}, "has no .tif files"),
+    ({"a": 1}, "too few"),
+])
+def test_bad_folders_are_user_errors(tmp_path, counts, message):
+    for name, n in counts.items():
+        os.makedirs(os.path.join(str(tmp_path), "scenes", name))
+    make_tree(str(tmp_path / "other"), {k: v for k, v in counts.items()})
+    root = str(tmp_path / "other")
+    with pytest.raises(UserError, match=message):
+        SceneDataset(root, "scenes", "train")
+
+
+def test_missing_dataset_folder(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        SceneDataset(str(tmp_path), "nowhere", "train")

@@ -1,0 +1,116 @@
+"""End to end: both scripts train on the digits demo on the CPU; resume is exact."""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from utils.digits import make_digits
+
+SCRIPTS = {"MU": os.path.join(REPO, "train", "main.py"), "MB": os.path.join(REPO, "train_MB", "main.py")}
+FAST = ["--no-pretrained", "--img-size", "16", "--dim", "16", "--num_workers", "0", "--device", "cpu"]
+
+
+def run_script(variant, *args, cwd=None, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, SCRIPTS[variant], *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def event_tags(folder):
+    """Scalar tags in TensorBoard event files (TFRecord framing, tensorboardX's protobufs)."""
+    from tensorboardX.proto import event_pb2
+
+    tags = {}
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as fh:
+            data = fh.read()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return tags
+
+
+@pytest.mark.parametrize("variant", ["MU", "MB"])
+def test_end_to_end_digits(variant, digits_root, tmp_path):
+    out = tmp_path / "runs"
+    # Run from an unrelated working directory: the scripts must find their package.
+    proc = run_script(variant, "--data", digits_root, "--dataset", "digits", "--epochs", "2", "-b", "32",
+                      "--lr", "0.05", "--out", str(out), "--name", "demo", *FAST, cwd=str(tmp_path))
+    run_dir = out / "demo"
+    assert sorted(os.listdir(run_dir)) == ["args.json", "checkpoint_best.pth", "checkpoint_last.pth",
+                                           "results.json", "tensorboard"]
+    assert str(run_dir) in proc.stdout  # says where the outputs go
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["variant"] == variant and results["best_epoch"] in (0, 1)
+    for split in ("val", "test"):
+        assert {"mAP@100", "P@20"} <= set(results[split])
+    # 10 balanced classes: chance P@20 is 0.1.
+    assert results["val"]["P@20"] > 0.3, results["val"]
+    tags = event_tags(run_dir / "tensorboard")
+    for tag in ("train/loss_cdne", "train/loss_ce", "train/loss_quant", "train/loss_total", "train/lr",
+                "val/mAP@100", "val/P@20"):
+        assert [step for step, _ in tags[tag]] == [0, 1], tag
+    assert tags["train/lr"][0][1] == pytest.approx(0.05)
+    # The best checkpoint is the epoch with the highest val mAP@100 (the earliest on a tie).
+    scores = [v for _, v in tags["val/mAP@100"]]
+    assert results["best_epoch"] == scores.index(max(scores))
+    best = torch.load(run_dir / "checkpoint_best.pth", weights_only=True)
+    assert best["config"]["variant"] == variant and best["epoch"] == results["best_epoch"] + 1
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    make_digits(str(root), size=16, per_class=12)
+    return str(root)
+
+
+def tensors_of(path):
+    ckpt = torch.load(path, weights_only=True)
+    flat = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    for part, state in ckpt["variant"].items():
+        flat.update({f"{part}.{k}": v for k, v in state.items()})
+    return ckpt, flat
+
+
+@pytest.mark.parametrize("variant", ["MU", "MB"])
+def test_resume_continues_exactly(variant, tiny_root, tmp_path):
+    common = ["--data", tiny_root, "--dataset", "digits", "-b", "16", "--lr", "0.05", "--out", str(tmp_path),
+              *FAST]
+    run_script(variant, *common, "--epochs", "3", "--name", "straight")
+    run_script(variant, *common, "--epochs", "1", "--name", "interrupted")
+    proc = run_script(variant, *common, "--epochs", "3", "--resume", str(tmp_path / "interrupted" / "checkpoint_last.pth"))
+    assert "resumed from" in proc.stdout
+    a, ta = tensors_of(tmp_path / "straight" / "checkpoint_last.pth")
+    b, tb = tensors_of(tmp_path / "interrupted" / "checkpoint_last.pth")
+    assert a["epoch"] == b["epoch"] == 3
+    assert ta.keys() == tb.keys() and len(ta) > 100
+    for k in ta:
+        torch.testing.assert_close(ta[k].double(), tb[k].double(), rtol=0, atol=1e-6, msg=k)
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    assert a["scheduler"] == b["scheduler"]
+
+
+def test_resume_refuses_another_configuration(tiny_root, tmp_path):
+    common = ["--data", tiny_root, "--dataset", "digits", "-b", "16", "--out", str(tmp_path), *FAST]
+    run_script("MB", *common, "--epochs", "1", "--name", "r")
+    ckpt = str(tmp_path / "r" / "checkpoint_last.pth")
+    before = os.path.getmtime(ckpt)
+    proc = run_script("MB", *common, "--dim", "32", "--epochs", "2", "--resume", ckpt, check=False)
+    assert proc.returncode == 2
+    assert "another configuration" in proc.stderr and "dim=16" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("MU", *common, "--epochs", "2", "--resume", ckpt, check=False)
+    assert proc.returncode == 2 and "variant='MB'" in proc.stderr
+    assert os.path.getmtime(ckpt) == before  # the checkpoint is untouched

@@ -1,0 +1,1 @@
+"""CDNE deep hashing: data, hashing network, memories, losses, metrics and training machinery."""

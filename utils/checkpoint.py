@@ -1,0 +1,94 @@
+"""Checkpoints: plain state_dicts, written atomically, read with weights_only=True.
+
+A checkpoint holds only tensors and plain data, so loading one from someone
+else cannot run code; torch.load(weights_only=True) refuses anything else.
+"""
+import os
+import pickle
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+FORMAT = "cdne-checkpoint"
+# What must match for a checkpoint to continue a run (or to be evaluated against a dataset).
+CONFIG_KEYS = ("variant", "arch", "dim", "num_classes", "in_channels")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
+    a crash or a full disk mid-save leaves the previous file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def safe_load(path, what="checkpoint"):
+    """torch.load with weights_only=True; every failure is a one-line UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist; pass the path of a checkpoint_*.pth file from a run folder")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path} holds more than tensors and plain data, so it is not loaded (it could run code): "
+                        f"{str(err).splitlines()[0][:200]}; use a {what} written by this project") from None
+    except Exception as err:  # noqa: BLE001 - truncated zip, not a torch file, ...
+        raise UserError(f"{path} is not a readable {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                        f"pass a {what} written by this project") from None
+    return obj
+
+
+def load_checkpoint(path):
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path} is not a CDNE checkpoint; pass a checkpoint_last.pth or checkpoint_best.pth "
+                        "from a run folder")
+    return ckpt
+
+
+def check_config(ckpt_config, config, path):
+    """Refuse a checkpoint of another configuration (bits, classes, architecture, variant)."""
+    diffs = [f"{k}={ckpt_config.get(k)!r} (this run: {config.get(k)!r})"
+             for k in CONFIG_KEYS if ckpt_config.get(k) != config.get(k)]
+    if diffs:
+        raise UserError(f"checkpoint {path} is from another configuration: {', '.join(diffs)}; "
+                        "resume it with the same flags or start a new run")
+
+
+def rng_state():
+    """All RNG states, as tensors and plain data (no numpy arrays, so weights_only loading works)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    # Python's random state is nested tuples; keep it so after a round trip through the loader.
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x

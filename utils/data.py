@@ -1,0 +1,128 @@
+"""Scene datasets in class folders, the SPEC section-1 split, and the transforms."""
+import os
+import random
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from .errors import UserError
+
+SPLITS = ("train", "val", "test")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def list_classes(folder):
+    """Class names: the sub-folders, sorted by name (label = position)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"dataset folder {folder} does not exist; put the dataset there as "
+                        "<data>/<dataset>/<class>/<image> or pass --data/--dataset")
+    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
+    if not classes:
+        raise UserError(f"dataset folder {folder} has no class folders; expected <class name>/<image> inside it")
+    return classes
+
+
+def list_images(class_dir, ext):
+    """Files directly in the class folder whose name ends in .<ext> (any case), sorted by full path."""
+    suffix = "." + ext.lower().lstrip(".")
+    return sorted(os.path.join(class_dir, f.name) for f in os.scandir(class_dir)
+                  if f.is_file() and f.name.lower().endswith(suffix))
+
+
+def split_files(files, split, seed=42):
+    """The per-class split: shuffle with Python's random after random.seed(seed), then
+    70% train, 10% val, 20% test, boundaries int(0.7 n) and int(0.8 n) in floating point."""
+    files = list(files)
+    random.seed(seed)
+    random.shuffle(files)
+    n = len(files)
+    a, b = int(0.7 * n), int(0.8 * n)
+    return {"train": files[:a], "val": files[a:b], "test": files[b:]}[split]
+
+
+def _found_extensions(class_dirs):
+    exts = set()
+    for d in class_dirs:
+        exts.update(os.path.splitext(f.name)[1].lower() for f in os.scandir(d) if f.is_file())
+    return ", ".join(sorted(e for e in exts if e)) or "none"
+
+
+def read_rgb(path):
+    """An image file as an 8-bit RGB Pillow image."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb8(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise UserError(f"cannot read image {path} ({err}); replace or remove the file") from None
+
+
+def to_rgb8(img):
+    """Grayscale, palette, RGBA and 16-bit images as 8-bit RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit integer images: scale the full range into 8 bits rather than clipping.
+        import numpy as np
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+class SceneDataset(Dataset):
+    """One split of <root>/<dataset>/<class>/<image>.<ext>.
+
+    Item i is {"img", "label", "idx": i}; idx is the memory row the sample owns.
+    """
+
+    def __init__(self, root, dataset, split, ext="tif", transform=None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        folder = os.path.join(root, dataset)
+        self.root, self.dataset, self.split, self.ext = root, dataset, split, ext
+        self.classes = list_classes(folder)
+        class_dirs = [os.path.join(folder, c) for c in self.classes]
+        self.samples = []
+        for label, class_dir in enumerate(class_dirs):
+            files = list_images(class_dir, ext)
+            if not files:
+                raise UserError(
+                    f"class folder {class_dir} has no .{ext} files (extensions found in the dataset: "
+                    f"{_found_extensions(class_dirs)}); pass the right one with --imgEXT")
+            if int(0.7 * len(files)) == 0:
+                raise UserError(f"class folder {class_dir} has only {len(files)} .{ext} file(s), too few for a "
+                                "non-empty train split; it needs at least 2")
+            self.samples += [(path, label) for path in split_files(files, split)]
+        self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        img = read_rgb(path)
+        if self.transform is not None:
+            img = self.transform(img)
+        return {"img": img, "label": label, "idx": i}
+
+
+def train_transform(size=256):
+    return transforms.Compose([
+        transforms.Resize((size, size)),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def eval_transform(size=256):
+    return transforms.Compose([
+        transforms.Resize((size, size)),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])

@@ -11,11 +11,11 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory):
-    """A small real-image dataset: 60 sklearn digits per class as 16x16 RGB PNGs."""
+    """A small real-image dataset: 100 sklearn digits per class as 32x32 RGB PNGs."""
     from utils.digits import make_digits
 
     root = tmp_path_factory.mktemp("data")
-    make_digits(str(root), size=16, per_class=60)
+    make_digits(str(root), size=32, per_class=100)
     return str(root)
 
 

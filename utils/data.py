@@ -57,7 +57,8 @@ def read_rgb(path):
             img.load()
             return to_rgb8(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read image {path} ({err}); replace or remove the file") from None
+        raise UserError(f"cannot read image {path} ({err}); replace or remove the file, "
+                        "or pass --skip-bad-images to leave unreadable files out") from None
 
 
 def to_rgb8(img):
@@ -77,7 +78,7 @@ class SceneDataset(Dataset):
     Item i is {"img", "label", "idx": i}; idx is the memory row the sample owns.
     """
 
-    def __init__(self, root, dataset, split, ext="tif", transform=None):
+    def __init__(self, root, dataset, split, ext="tif", transform=None, bands=3):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         folder = os.path.join(root, dataset)
@@ -97,13 +98,14 @@ class SceneDataset(Dataset):
             self.samples += [(path, label) for path in split_files(files, split)]
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
         self.transform = transform
+        self.bands = bands
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        img = read_rgb(path)
+        img = read_rgb(path) if self.bands == 3 else read_multiband(path, self.bands)
         if self.transform is not None:
             img = self.transform(img)
         return {"img": img, "label": label, "idx": i}
@@ -125,4 +127,78 @@ def eval_transform(size=256):
         transforms.Resize((size, size)),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def remove_unreadable(datasets):
+    """Drop the samples whose image cannot be read from each dataset, in place
+    (for --skip-bad-images); returns the unreadable paths. Indices are re-numbered,
+    so memory rows still run 0..N-1."""
+    from tqdm import tqdm
+
+    paths = sorted({path for ds in datasets for path, _ in ds.samples})
+    bad = set()
+    for path in tqdm(paths, desc="checking images", leave=False):
+        try:
+            read_rgb(path) if datasets[0].bands == 3 else read_multiband(path, datasets[0].bands)
+        except UserError:
+            bad.add(path)
+    for ds in datasets:
+        ds.samples = [(p, y) for p, y in ds.samples if p not in bad]
+        ds.labels = torch.tensor([y for _, y in ds.samples], dtype=torch.long)
+    return sorted(bad)
+
+
+# ----------------------------------------------------------------------------- multispectral
+
+def read_multiband(path, bands):
+    """A multi-band image (e.g. EuroSAT's 13-band Sentinel-2 GeoTIFF) as a float tensor C x H x W."""
+    import numpy as np
+    import tifffile
+
+    try:
+        arr = tifffile.imread(path)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
+        raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); replace or remove the file, "
+                        "or pass --skip-bad-images to leave unreadable files out") from None
+    if arr.ndim == 2:
+        arr = arr[None]
+    elif arr.ndim == 3 and arr.shape[-1] == bands and arr.shape[0] != bands:
+        arr = arr.transpose(2, 0, 1)  # H x W x C (the usual GeoTIFF layout) -> C x H x W
+    if arr.ndim != 3 or arr.shape[0] != bands:
+        raise UserError(f"image {path} has shape {arr.shape}, not {bands} bands; pass the right --bands")
+    return torch.from_numpy(np.ascontiguousarray(arr).astype(np.float32))
+
+
+def band_statistics(dataset):
+    """Per-band mean and standard deviation over the pixels of a split (read once; stored with
+    the checkpoint so that later runs and evaluation normalise alike)."""
+    from tqdm import tqdm
+
+    total = total_sq = None
+    count = 0
+    for path, _ in tqdm(dataset.samples, desc="band statistics", leave=False):
+        x = read_multiband(path, dataset.bands).double().flatten(1)
+        total = x.sum(1) if total is None else total + x.sum(1)
+        total_sq = x.square().sum(1) if total_sq is None else total_sq + x.square().sum(1)
+        count += x.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp(min=0).sqrt().clamp(min=1e-6)
+    return mean.tolist(), std.tolist()
+
+
+def multiband_train_transform(size, mean, std):
+    """Multispectral training: resize (antialiased), horizontal flip, per-band normalisation.
+    The colour augmentations of the RGB pipeline have no meaning for 13 bands and are left out."""
+    return transforms.Compose([
+        transforms.Resize((size, size), antialias=True),
+        transforms.RandomHorizontalFlip(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def multiband_eval_transform(size, mean, std):
+    return transforms.Compose([
+        transforms.Resize((size, size), antialias=True),
+        transforms.Normalize(mean, std),
     ])

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from . import distributed as dist
-from .data import SceneDataset, eval_transform, train_transform
+from .data import (SceneDataset, band_statistics, eval_transform, multiband_eval_transform,
+                   multiband_train_transform, remove_unreadable, train_transform)
 from .digits import make_digits
 from .errors import UserError, exit_on_user_error
 from .losses import CDNELoss, QuantizationLoss, chunked_cdne_loss, use_chunked_loss
@@ -52,6 +53,9 @@ def build_parser(description):
     p.add_argument("--lambda_", type=float, default=1.0, help="weight of the CDNE loss")
     # Additions.
     p.add_argument("--img-size", type=int, default=256, help="images are resized to S x S")
+    p.add_argument("--bands", type=int, default=3,
+                   help="input bands: 3 reads RGB images; another number reads multi-band TIFFs "
+                        "(e.g. 13 for EuroSAT_MS) with per-band normalisation")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs"), help="root folder for run folders")
@@ -61,6 +65,8 @@ def build_parser(description):
     p.add_argument("--eval-every", type=int, default=1, help="evaluate on val every N epochs (and after the last)")
     p.add_argument("--topk", type=int, default=100, help="R of mAP@R, the model-selection score")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 where supported, else float16)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="check every image first and leave out unreadable ones (with a warning and a count)")
     p.add_argument("--pipeline", default="pil", choices=("pil", "cached"),
                    help="pil: decode with Pillow per image per epoch; cached: decode once into RAM, "
                         "augment whole batches as tensors on the training device")
@@ -70,7 +76,7 @@ def build_parser(description):
 def check_args(args):
     positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--dim": args.dim,
                 "--temperature": args.temperature, "--lr": args.lr, "--img-size": args.img_size,
-                "--eval-every": args.eval_every, "--topk": args.topk}
+                "--eval-every": args.eval_every, "--topk": args.topk, "--bands": args.bands}
     for flag, value in positive.items():
         if not value > 0:
             raise UserError(f"{flag} must be positive, got {value}")
@@ -81,6 +87,8 @@ def check_args(args):
     momentum = getattr(args, "memory_momentum", None)
     if momentum is not None and not 0 <= momentum <= 1:
         raise UserError(f"--memory-momentum must be in [0, 1], got {momentum}")
+    if args.bands != 3 and args.pipeline == "cached":
+        raise UserError("--pipeline cached reads RGB images only; use --pipeline pil with --bands")
     if args.no_pretrained and args.weights:
         raise UserError("--no-pretrained and --weights contradict each other; pass one of them")
     if args.imgEXT is None:
@@ -193,19 +201,34 @@ def _loader(dataset, batches, args, epoch=0):
 class Data:
     """The splits, their batchers, and the chosen input pipeline."""
 
-    def __init__(self, args):
+    def __init__(self, args, band_stats=None):
         if args.dataset == "digits" and not os.path.isdir(os.path.join(args.data, "digits")):
             if dist.is_main():
                 print(f"creating the digits demo dataset in {os.path.join(args.data, 'digits')}")
                 make_digits(args.data)
             dist.barrier()
-        S, ext = args.img_size, args.imgEXT
+        S, ext, bands = args.img_size, args.imgEXT, args.bands
         self.args = args
-        self.train = SceneDataset(args.data, args.dataset, "train", ext, train_transform(S))
-        self.db = SceneDataset(args.data, args.dataset, "train", ext, eval_transform(S))
-        self.val = SceneDataset(args.data, args.dataset, "val", ext, eval_transform(S))
-        self.test = SceneDataset(args.data, args.dataset, "test", ext, eval_transform(S))
+        self.train, self.db, self.val, self.test = (SceneDataset(args.data, args.dataset, split, ext, bands=bands)
+                                                    for split in ("train", "train", "val", "test"))
         self.classes = self.train.classes
+        if args.skip_bad_images:
+            bad = remove_unreadable([self.train, self.db, self.val, self.test])
+            if dist.is_main():
+                for path in bad[:20]:
+                    print(f"warning: skipping unreadable image {path}")
+                print(f"skipped {len(bad)} unreadable image(s)" + (" (first 20 listed)" if len(bad) > 20 else ""))
+        self.band_stats = None
+        if bands == 3:
+            train_tf, eval_tf = train_transform(S), eval_transform(S)
+        else:
+            # Per-band statistics from the train split, once; a resumed run keeps its own.
+            self.band_stats = band_stats or band_statistics(self.train)
+            train_tf = multiband_train_transform(S, *self.band_stats)
+            eval_tf = multiband_eval_transform(S, *self.band_stats)
+        self.train.transform = train_tf
+        for ds in (self.db, self.val, self.test):
+            ds.transform = eval_tf
         rank, world = dist.rank(), dist.world_size()
         self.train_batches = EpochBatches(len(self.train), args.batch_size, True, args.seed, rank, world)
         self.cache = {}
@@ -272,14 +295,18 @@ class Trainer:
     def __init__(self, args, variant_cls, data=None):
         self.args = args
         self.device = args.device_obj
-        self.data = data if data is not None else Data(args)
+        resume = ckpt_io.load_checkpoint(args.resume) if args.resume else None
+        band_stats = None
+        if resume is not None and "band_mean" in resume["config"]:
+            band_stats = (resume["config"]["band_mean"], resume["config"]["band_std"])
+        self.data = data if data is not None else Data(args, band_stats)
         n_train = len(self.data.train)
         num_classes = len(self.data.classes)
         pretrained = args.weights or (not args.no_pretrained)
 
         # Identical initial weights and memory on every rank; DDP also broadcasts rank 0's.
         seed_everything(args.seed)
-        model = HashingNet(args.model, num_classes, args.dim, pretrained).to(self.device)
+        model = HashingNet(args.model, num_classes, args.dim, pretrained, args.bands).to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model
@@ -302,16 +329,18 @@ class Trainer:
             self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.config = {"variant": variant_cls.name, "arch": args.model, "dim": args.dim,
-                       "num_classes": num_classes, "in_channels": 3, "dataset": args.dataset,
+                       "num_classes": num_classes, "in_channels": args.bands, "dataset": args.dataset,
                        "img_size": args.img_size, "classes": self.data.classes}
+        if getattr(self.data, "band_stats", None):
+            self.config["band_mean"], self.config["band_std"] = self.data.band_stats
         self.epoch, self.step_in_epoch, self.epoch_sums = 0, 0, {}
         self.best = {"score": float("-inf"), "epoch": -1, "metrics": None}
         self.stop_signal = None
         self.run_dir = self._run_dir()
         self.ckpt_last = os.path.join(self.run_dir, "checkpoint_last.pth")
         self.ckpt_best = os.path.join(self.run_dir, "checkpoint_best.pth")
-        if args.resume:
-            self._resume(args.resume)
+        if resume is not None:
+            self._resume(resume, args.resume)
 
     # -- helpers
     def amp_ctx(self):
@@ -342,8 +371,7 @@ class Trainer:
                                 "pass a writable --out") from None
         return run_dir
 
-    def _resume(self, path):
-        ckpt = ckpt_io.load_checkpoint(path)
+    def _resume(self, ckpt, path):
         ckpt_io.check_config(ckpt["config"], self.config, path)
         self.model.load_state_dict(ckpt["model"])
         self.variant.load_state_dict(ckpt["variant"])
@@ -432,9 +460,10 @@ class Trainer:
         for batch in bar:
             losses, n = self.train_step(batch)
             if not torch.isfinite(losses["total"]):
+                kept = (f"the last good checkpoint is kept at {self.ckpt_last}" if os.path.exists(self.ckpt_last)
+                        else "no checkpoint had been written yet")
                 raise UserError(f"the loss became {losses['total'].item()} at epoch {epoch} step "
-                                f"{self.step_in_epoch}; the last good checkpoint is kept at {self.ckpt_last}; "
-                                "lower --lr (or drop --amp) and resume or restart")
+                                f"{self.step_in_epoch}; {kept}; lower --lr (or drop --amp) and resume or restart")
             for k, v in losses.items():
                 self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v.item() * n
             self.epoch_sums["n"] = self.epoch_sums.get("n", 0) + n
@@ -483,7 +512,7 @@ class Trainer:
                     if main:
                         for k, v in metrics.items():
                             if isinstance(v, float):
-                                writer.add_scalar(f"val/{k}", v, epoch)
+                                writer.add_scalar(f"val/{tb_tag(k)}", v, epoch)
                         print(f"epoch {epoch + 1}: val {score_key} {metrics[score_key]:.4f}  "
                               f"P@20 {metrics['P@20']:.4f}")
                     if metrics[score_key] > self.best["score"]:  # keep the earliest best
@@ -535,6 +564,11 @@ class Trainer:
     def _restore_signal_handlers(handlers):
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+def tb_tag(metric):
+    """TensorBoard tags allow neither '@' nor '<=': mAP@100 -> mAP_100, P@H<=2 -> P_H_le_2."""
+    return metric.replace("@H<=", "_H_le_").replace("@", "_")
 
 
 def vars_plain(args):

@@ -45,8 +45,12 @@ def load_backbone_state(path):
     return state
 
 
-def build_backbone(arch="resnet18", pretrained=True):
-    """ResNet up to global average pooling, flattened; returns (module, feature_dim)."""
+def build_backbone(arch="resnet18", pretrained=True, in_channels=3):
+    """ResNet up to global average pooling, flattened; returns (module, feature_dim).
+
+    With in_channels != 3 (multispectral input) the first convolution is replaced by a
+    new one with that many input channels; the rest keeps its (pretrained) weights.
+    """
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     builder, _, feature_dim = ARCHS[arch]
@@ -64,6 +68,10 @@ def build_backbone(arch="resnet18", pretrained=True):
         if missing or unexpected:
             raise UserError(f"weights file {pretrained} does not fit {arch} "
                             f"({len(missing)} missing, {len(unexpected)} unexpected keys); pass a {arch} state_dict")
+    if in_channels != 3:
+        old = net.conv1
+        net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's conv init
     net.fc = nn.Identity()  # keep conv trunk + global average pool + flatten
     return net, feature_dim
 
@@ -72,11 +80,11 @@ class HashingNet(nn.Module):
     """forward(x) -> (f, e, logits): relaxed codes f = FC1(pool(x)), embedding
     e = f / ||f||, class logits FC2(f). Hash bit k is 1 iff f_k > 0."""
 
-    def __init__(self, arch="resnet18", num_classes=10, dim=128, pretrained=True):
+    def __init__(self, arch="resnet18", num_classes=10, dim=128, pretrained=True, in_channels=3):
         super().__init__()
         self.arch = arch
         self.dim = dim
-        self.backbone, feature_dim = build_backbone(arch, pretrained)
+        self.backbone, feature_dim = build_backbone(arch, pretrained, in_channels)
         self.fc1 = nn.Linear(feature_dim, dim)
         self.fc2 = nn.Linear(dim, num_classes)
         # Kaiming-normal weights (fan_in, gain sqrt(2)); biases keep nn.Linear's default init.

@@ -1,0 +1,37 @@
+"""Two-process DistributedDataParallel training on the CPU (gloo), launched with torchrun."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+SCRIPTS = {"MU": os.path.join(REPO, "train", "main.py"), "MB": os.path.join(REPO, "train_MB", "main.py")}
+
+
+@pytest.mark.parametrize("variant", ["MU", "MB"])
+def test_two_processes_keep_identical_memories(variant, digits_root, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           SCRIPTS[variant], "--data", digits_root, "--dataset", "digits", "--epochs", "2", "-b", "32",
+           "--lr", "0.01", "--out", str(tmp_path), "--name", "ddp", "--no-pretrained", "--img-size", "32",
+           "--dim", "16", "--num_workers", "0", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Written once, by rank 0.
+    assert os.listdir(tmp_path) == ["ddp"]
+    run_dir = tmp_path / "ddp"
+    assert len(os.listdir(run_dir / "tensorboard")) == 1
+    assert proc.stdout.count("results written to") == 1
+    ckpt = torch.load(run_dir / "checkpoint_last.pth", weights_only=True)
+    # Every rank's memory, fingerprinted at the save: identical on both ranks, and trained.
+    prints = ckpt["memory_fingerprints"]
+    assert len(prints) == 2 and prints[0] == prints[1]
+    memory = ckpt["variant"]["memory"]["memory"]
+    assert torch.allclose(memory.norm(dim=1), torch.ones(len(memory)), atol=1e-4)  # every row was written
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["val"]["P@20"] > 0.25, results["val"]  # chance is 0.1

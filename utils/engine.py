@@ -26,6 +26,8 @@ from .errors import UserError, exit_on_user_error
 from .losses import CDNELoss, QuantizationLoss, chunked_cdne_loss, use_chunked_loss
 from .metrics import retrieval_metrics
 from .models import HashingNet
+from .search import hamming_topk
+from .visualize import bit_balance, retrieval_grid, to_chw
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # File extension of each dataset as prepared by data/prepare.py; others default to tif.
@@ -274,15 +276,40 @@ def encode(model, loader, n, dim, device, amp_ctx, desc):
     return codes
 
 
-def evaluate(model, data, split, args, amp_ctx, db_codes=None):
-    """Metrics of `split` queries against the train split as database (eval transform)."""
+def evaluate(model, data, split, args, amp_ctx, return_codes=False):
+    """Every metric of `split` queries against the train split as database (eval transform),
+    the PR curve included; with return_codes also the (query, database) codes."""
     dim, device = args.dim, args.device_obj
-    if db_codes is None:
-        db_codes = encode(model, data.eval_loader("train"), len(data.db), dim, device, amp_ctx, "encode database")
+    db_codes = encode(model, data.eval_loader("train"), len(data.db), dim, device, amp_ctx, "encode database")
     q = getattr(data, split)
     q_codes = encode(model, data.eval_loader(split), len(q), dim, device, amp_ctx, f"encode {split}")
     topk = tuple(sorted({20, 100, args.topk}))
-    return retrieval_metrics(q_codes, q.labels.to(device), db_codes, data.db.labels.to(device), topk=topk)
+    metrics = retrieval_metrics(q_codes, q.labels.to(device), db_codes, data.db.labels.to(device), topk=topk,
+                                with_pr=True)
+    return (metrics, q_codes, db_codes) if return_codes else metrics
+
+
+def log_test_pictures(writer, data, metrics, q_codes, db_codes, bands, step, n_queries=8, k=10):
+    """TensorBoard pictures of the final test: PR curve, a retrieval grid, bit balance."""
+    precision = torch.tensor(metrics["pr_precision"], dtype=torch.float64)
+    recall = torch.tensor(metrics["pr_recall"], dtype=torch.float64)
+    zeros = [0] * len(precision)
+    # The PR plugin expects thresholds in rising order, i.e. falling recall: radius L first.
+    writer.add_pr_curve_raw("test/pr_curve_hamming_radius", zeros, zeros, zeros, zeros,
+                            precision.flip(0).tolist(), recall.flip(0).tolist(), step, len(precision))
+    # A few queries spread over the classes, with their top-k.
+    pick = torch.linspace(0, len(q_codes) - 1, min(n_queries, len(q_codes))).round().long().unique()
+    dist_k, idx_k = hamming_topk(q_codes[pick], db_codes, k)
+    q_labels, db_labels = data.test.labels[pick.cpu()], data.db.labels
+    relevant = (db_labels[idx_k.cpu()] == q_labels[:, None]).tolist()
+    grid = retrieval_grid([data.test.samples[i][0] for i in pick.tolist()],
+                          [[data.db.samples[j][0] for j in row] for row in idx_k.tolist()],
+                          relevant, dist_k.tolist(), bands=bands)
+    writer.add_image("test/retrieval_top10", to_chw(grid), step)
+    balance = bit_balance(db_codes).cpu()
+    writer.add_histogram("test/bit_balance", balance.numpy(), step, bins=20)
+    for bit, value in enumerate(balance.tolist()):
+        writer.add_scalar("test/bit_fraction_ones", value, bit)
 
 
 # ----------------------------------------------------------------------------- training
@@ -529,7 +556,7 @@ class Trainer:
             return 128 + (signal.SIGINT if self.stop_signal == "SIGINT" else signal.SIGTERM)
         finally:
             self._restore_signal_handlers(handlers)
-        results = self.final_test()
+        results = self.final_test(writer)
         if main:
             with open(os.path.join(self.run_dir, "results.json"), "w") as fh:
                 json.dump(results, fh, indent=2)
@@ -539,8 +566,8 @@ class Trainer:
                   f"results written to {os.path.join(self.run_dir, 'results.json')}")
         return 0
 
-    def final_test(self):
-        """Test-split metrics of the best checkpoint (database = train split)."""
+    def final_test(self, writer=None):
+        """Test-split metrics of the best checkpoint (database = train split), and pictures."""
         best = ckpt_io.load_checkpoint(self.ckpt_best) if dist.is_main() else None
         if dist.is_distributed():
             holder = [best["model"] if best else None]
@@ -550,7 +577,12 @@ class Trainer:
         else:
             self.model.load_state_dict(best["model"])
             best_info = best["best"]
-        test = evaluate(self.model, self.data, "test", self.args, self.amp_ctx)
+        test, q_codes, db_codes = evaluate(self.model, self.data, "test", self.args, self.amp_ctx, return_codes=True)
+        if writer is not None:
+            for k, v in test.items():
+                if isinstance(v, float):
+                    writer.add_scalar(f"test/{tb_tag(k)}", v, best_info["epoch"])
+            log_test_pictures(writer, self.data, test, q_codes, db_codes, self.args.bands, best_info["epoch"])
         return {"variant": self.config["variant"], "dataset": self.args.dataset, "run_dir": self.run_dir,
                 "best_epoch": best_info["epoch"], "val": best_info["metrics"], "test": test,
                 "args": vars_plain(self.args)}

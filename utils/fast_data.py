@@ -1,0 +1,251 @@
+"""A fast input pipeline: decode every image once into RAM, augment whole batches as tensors.
+
+The per-image pipeline (SceneDataset + train_transform) decodes, resizes and
+jitters each image with Pillow in DataLoader workers, every epoch. Here each
+image is decoded and resized once (the same Pillow resize as
+transforms.Resize((S, S))) into a uint8 tensor, and the SPEC section-1
+augmentations are applied to a whole batch at once, on the batch's device:
+
+    RandomGrayscale(p=0.2) -> ColorJitter(0.4, 0.4, 0.4, 0.4) -> RandomHorizontalFlip()
+    -> /255 -> Normalize(ImageNet mean, std)
+
+with every random choice drawn per image, as the per-image transforms draw them.
+The colour ops are torchvision's tensor formulas with one factor per image; on
+identical factors they equal torchvision.transforms.functional on each image (to
+float rounding). The train_transform path applies them to Pillow images, which
+rounds to 8 bits after each op, so its outputs differ from these by that rounding.
+"""
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+from .data import IMAGENET_MEAN, IMAGENET_STD, read_rgb
+
+GRAYSCALE_P = 0.2
+BRIGHTNESS = CONTRAST = SATURATION = (0.6, 1.4)  # ColorJitter(0.4, ...): factors in [1 - 0.4, 1 + 0.4]
+HUE = (-0.4, 0.4)
+FLIP_P = 0.5
+
+
+# ---------------------------------------------------------------------------
+# Decode once
+
+
+class _Decode(Dataset):
+    def __init__(self, samples, size):
+        self.samples, self.size = samples, size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        # TF.resize on a Pillow image is what transforms.Resize((S, S)) does: Pillow bilinear, antialiased.
+        img = TF.resize(read_rgb(self.samples[i][0]), [self.size, self.size])
+        return TF.pil_to_tensor(img)  # 3 x S x S uint8
+
+
+class CachedImages:
+    """Every image of a SceneDataset, decoded and resized to size x size, as one uint8 tensor.
+
+    `images`: N x 3 x S x S uint8 (in the dataset's index order), `labels`: N labels.
+    Memory: N * 3 * S * S bytes, e.g. 22,050 NWPU-RESISC45 train images at S = 256 take 4.3 GB
+    (float32 would take four times that). Decoding runs in `num_workers` DataLoader workers.
+    """
+
+    def __init__(self, dataset, size=256, num_workers=0, batch_size=64, progress=True):
+        self.size = int(size)
+        self.labels = dataset.labels.clone()
+        self.images = torch.empty(len(dataset.samples), 3, self.size, self.size, dtype=torch.uint8)
+        loader = DataLoader(_Decode(dataset.samples, self.size), batch_size=batch_size,
+                            num_workers=num_workers)
+        pos = 0
+        for batch in tqdm(loader, desc=f"decoding {len(self.images)} images", disable=not progress,
+                          leave=False):
+            self.images[pos:pos + len(batch)] = batch
+            pos += len(batch)
+
+    def __len__(self):
+        return len(self.images)
+
+    def to(self, device):
+        """Move the cache (e.g. onto the GPU, when it fits there) and return self."""
+        self.images = self.images.to(device)
+        return self
+
+
+# ---------------------------------------------------------------------------
+# Batched colour ops: x is B x 3 x H x W float in [0, 1], factors are B-vectors.
+# The formulas are those of torchvision's tensor implementations, clamped to
+# [0, 1] after each op as torchvision does. They work in place on x (callers
+# pass their own copies): on the CPU a fresh buffer per op costs more than the op.
+# They use 0/1 float masks and arithmetic instead of torch.where, which is
+# several times slower than arithmetic on the CPU.
+
+
+def _per_image(f, x):
+    return torch.as_tensor(f, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+
+
+def _mask(a, b):
+    """a == b as a 0/1 float tensor."""
+    return torch.eq(a, b, out=torch.empty_like(a))
+
+
+def rgb_to_grayscale(x):
+    """B x 1 x H x W luma, torchvision's weights."""
+    r, g, b = x.unbind(dim=-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
+
+
+def adjust_brightness_(x, factor):
+    # torchvision: blend with black, f x + (1 - f) 0 = f x.
+    return x.mul_(_per_image(factor, x)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast_(x, factor):
+    # torchvision: blend with the mean of the image's grayscale version.
+    f = _per_image(factor, x)
+    mean = rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return x.mul_(f).add_((1.0 - f) * mean).clamp_(0.0, 1.0)
+
+
+def adjust_saturation_(x, factor):
+    # torchvision: blend with the grayscale image.
+    f = _per_image(factor, x)
+    gray = rgb_to_grayscale(x).mul_(1.0 - f)
+    return x.mul_(f).add_(gray).clamp_(0.0, 1.0)
+
+
+def adjust_hue_(x, factor):
+    # torchvision: RGB -> HSV, H <- (H + f) mod 1, HSV -> RGB. A hue shift keeps V = max(r, g, b)
+    # and the chroma C = V - min(r, g, b), so this goes straight from the shifted hue back to RGB
+    # with the closed form  channel = V - C clamp(min(k, 4 - k), 0, 1),  k = (n + 6 H) mod 6,
+    # n = 5, 3, 1 for r, g, b: torchvision's values (to float rounding) in fewer passes.
+    r, g, b = x.unbind(dim=-3)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    # 6 H from the channel that is the max (ties as torchvision: r first, then g).
+    is_r = _mask(maxc, r)
+    is_g = _mask(maxc, g).mul_(1.0 - is_r)
+    is_b = 1.0 - is_r - is_g
+    hue6 = (g - b).mul_(is_r).add_((b - r).mul_(is_g)).add_((r - g).mul_(is_b))
+    hue6.div_(chroma + _mask(chroma, torch.zeros_like(chroma)))  # grays (C = 0): any hue works
+    hue6.add_(is_g.mul_(2.0)).add_(is_b.mul_(4.0)).add_(6.0 * _per_image(factor, x)[:, 0])
+    k = hue6.unsqueeze(-3) + torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(3, 1, 1)
+    k.sub_(torch.floor(k / 6.0).mul_(6.0))  # mod 6
+    t = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return torch.sub(maxc.unsqueeze(-3), t.mul_(chroma.unsqueeze(-3)), out=x)
+
+
+# ColorJitter's op ids: its get_params draws a permutation of these.
+JITTER_OPS = (adjust_brightness_, adjust_contrast_, adjust_saturation_, adjust_hue_)
+
+
+def sample_augmentation(batch_size, generator=None):
+    """The random choices of the train augmentations for a batch, drawn on the CPU (so that a
+    seeded generator gives the same batch on any device): grayscale and flip flags, the jitter
+    order (a random permutation of the 4 ops per image) and the 4 jitter factors per image."""
+    def uniform(lo, hi):
+        return torch.rand(batch_size, generator=generator) * (hi - lo) + lo
+
+    return {
+        "grayscale": torch.rand(batch_size, generator=generator) < GRAYSCALE_P,
+        "order": torch.rand(batch_size, 4, generator=generator).argsort(dim=1),
+        "factors": torch.stack([uniform(*BRIGHTNESS), uniform(*CONTRAST), uniform(*SATURATION),
+                                uniform(*HUE)], dim=1),  # B x 4, in JITTER_OPS order
+        "flip": torch.rand(batch_size, generator=generator) < FLIP_P,
+    }
+
+
+def apply_augmentation_(x, params):
+    """Apply sampled choices (CPU tensors, from sample_augmentation) to x, B x 3 x H x W float
+    in [0, 1] on any device, in place. Which images get which op is worked out on the CPU, so a
+    GPU batch never waits for the host."""
+    def select(mask):  # indices on x's device, or None
+        rows = mask.nonzero().squeeze(1)
+        return (rows, rows.to(x.device, non_blocking=True)) if len(rows) else (None, None)
+
+    _, gray = select(params["grayscale"])
+    if gray is not None:
+        x.index_copy_(0, gray, rgb_to_grayscale(x.index_select(0, gray)).expand(-1, 3, -1, -1))
+    # Every image gets all four jitter ops, in its own order: at each position apply each op
+    # to the images that have it there.
+    for position in range(4):
+        for op_id, op in enumerate(JITTER_OPS):
+            rows, sel = select(params["order"][:, position] == op_id)
+            if sel is not None:
+                x.index_copy_(0, sel, op(x.index_select(0, sel), params["factors"][rows, op_id]))
+    _, flip = select(params["flip"])
+    if flip is not None:
+        x.index_copy_(0, flip, x.index_select(0, flip).flip(-1))
+    return x
+
+
+def _to_unit_(x_uint8, out):
+    # ToTensor's .float().div(255), written straight into the output buffer (same values).
+    return torch.div(x_uint8, 255, out=out)
+
+
+def _normalize_(x):
+    # Normalize's sub_/div_, so eval outputs are identical to eval_transform's.
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def _sub_batches(x):
+    # On the CPU, work through about 2**19 pixels (eight 256 x 256 images) at a time: their
+    # buffers stay in cache and are recycled by the allocator. On a GPU, one pass is fastest.
+    n = len(x)
+    step = max(1, 2 ** 19 // (x.shape[-2] * x.shape[-1])) if x.device.type == "cpu" else max(1, n)
+    return [slice(a, a + step) for a in range(0, n, step)]
+
+
+def normalize_batch(x_uint8):
+    """Eval: uint8 B x 3 x S x S -> normalised float, equal to eval_transform on each image."""
+    out = torch.empty(x_uint8.shape, dtype=torch.float32, device=x_uint8.device)
+    for part in _sub_batches(x_uint8):
+        _normalize_(_to_unit_(x_uint8[part], out[part]))
+    return out
+
+
+def augment_batch(x_uint8, generator=None):
+    """Train: uint8 B x 3 x S x S -> augmented, normalised float on the same device.
+    The per-image random choices come from `generator` (a CPU torch.Generator) or torch's global RNG."""
+    params = sample_augmentation(len(x_uint8), generator)
+    out = torch.empty(x_uint8.shape, dtype=torch.float32, device=x_uint8.device)
+    for part in _sub_batches(x_uint8):
+        x = _to_unit_(x_uint8[part], out[part])
+        _normalize_(apply_augmentation_(x, {k: v[part] for k, v in params.items()}))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Batches
+
+
+class CachedBatches:
+    """Batches {"img", "label", "idx"} from CachedImages, like a DataLoader over SceneDataset.
+
+    batches: an iterable of index lists (e.g. the training engine's batch sampler; it is iterated
+    afresh on every pass, so a sampler gives a new order each epoch). Images are gathered where
+    the cache lives, moved to `device` as uint8 and augmented (augment=True) or only normalised there.
+    """
+
+    def __init__(self, cache, batches, device="cpu", augment=False, generator=None):
+        self.cache, self.batches = cache, batches
+        self.device, self.augment, self.generator = torch.device(device), augment, generator
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            idx = torch.as_tensor(list(batch), dtype=torch.long)
+            x = self.cache.images[idx.to(self.cache.images.device)]
+            if self.device.type == "cuda" and x.device.type == "cpu":
+                x = x.pin_memory()  # lets the copy below run asynchronously
+            x = x.to(self.device, non_blocking=True)
+            img = augment_batch(x, self.generator) if self.augment else normalize_batch(x)
+            yield {"img": img, "label": self.cache.labels[idx], "idx": idx}

@@ -529,7 +529,11 @@ class Trainer:
         handlers = self._install_signal_handlers()
         try:
             while self.epoch < args.epochs:
+                started = time.perf_counter()
                 self.train_epoch(writer)
+                seconds = time.perf_counter() - started
+                if writer is not None:
+                    writer.add_scalar("train/epoch_seconds", seconds, self.epoch)
                 self.scheduler.step()
                 epoch = self.epoch
                 self.epoch, self.step_in_epoch, self.epoch_sums = epoch + 1, 0, {}
@@ -541,7 +545,7 @@ class Trainer:
                             if isinstance(v, float):
                                 writer.add_scalar(f"val/{tb_tag(k)}", v, epoch)
                         print(f"epoch {epoch + 1}: val {score_key} {metrics[score_key]:.4f}  "
-                              f"P@20 {metrics['P@20']:.4f}")
+                              f"P@20 {metrics['P@20']:.4f}  (training {seconds:.1f} s)")
                     if metrics[score_key] > self.best["score"]:  # keep the earliest best
                         self.best = {"score": metrics[score_key], "epoch": epoch, "metrics": metrics}
                         improved = True

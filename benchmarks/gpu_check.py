@@ -61,6 +61,7 @@ def measure(variant, amp, args, device):
     module = load_variant({"MU": "train", "MB": "train_MB"}[variant])
     variant_cls = module.MemoryUnitVariant if variant == "MU" else module.MemoryBankVariant
     flags = ["--no-pretrained", "--device", str(device), "-b", str(args.batch_size), "--model", args.model,
+             "--lr", str(args.lr),
              "--out", tempfile.mkdtemp(), "--name", "gpu_check"] + (["--amp"] if amp else [])
     targs = module.parser().parse_args(flags)
     check_args(targs)
@@ -91,6 +92,7 @@ def main():
     p.add_argument("--img-size", type=int, default=256)
     p.add_argument("--num-samples", type=int, default=31500, help="memory rows (NWPU-RESISC45's train split: 22,050)")
     p.add_argument("--model", default="resnet18")
+    p.add_argument("--lr", type=float, default=0.01, help="random init on noise diverges at the paper's 0.1")
     p.add_argument("--device", default="cuda", help="cuda (the point of this check) or cpu (a smoke test)")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -105,6 +107,8 @@ def main():
         for amp in (False, True):
             ips, peak, loss = measure(variant, amp, args, device)
             print(f"{variant:8}{str(amp):6}{ips:10.0f}{peak:10.2f}{loss:9.3f}", flush=True)
+            if loss != loss:
+                sys.exit("error: the loss became nan")
 
 
 if __name__ == "__main__":

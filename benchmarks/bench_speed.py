@@ -167,14 +167,17 @@ def bench_pipeline(args):
         decode = time.perf_counter() - start
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, len(cache), (args.images_batch,), generator=g).tolist()
-                   for _ in range(1 + args.batches)]
-        fast = iter(CachedBatches(cache, batches, device=device, augment=True, generator=g))
-        next(fast)  # warm-up
+                   for _ in range(warmup + args.batches)]
+        # As the training engine builds it (--num_workers = --workers); the same warm-up as the baseline.
+        fast = iter(CachedBatches(cache, batches, device=device, augment=True, generator=g,
+                                  num_workers=args.workers))
+        for _ in range(warmup):
+            next(fast)
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
         for _ in range(args.batches):
-            next(fast)
+            next(fast)["img"].to(device)
         sync()
         fast_rate = n_timed / (time.perf_counter() - start)
 

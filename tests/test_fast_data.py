@@ -125,14 +125,67 @@ def test_fixed_augmentation_equals_torchvision_composition():
 # --- the train augmentation end to end -----------------------------------------------------
 
 
-def test_augment_batch_is_sampled_choices_then_normalisation(cache):
-    x = cache.images[:9]
-    out = fd.augment_batch(x, torch.Generator().manual_seed(5))
+def pil_reference(x_uint8, params):
+    """train_transform's colour ops, flip, ToTensor and Normalize on Pillow images, for given choices."""
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    ref = []
+    for i, img in enumerate(x_uint8):
+        img = TF.to_pil_image(img)
+        if params["grayscale"][i]:
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        for op_id in params["order"][i].tolist():
+            img = ops[op_id](img, float(params["factors"][i, op_id]))
+        if params["flip"][i]:
+            img = TF.hflip(img)
+        ref.append(TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD))
+    return torch.stack(ref)
+
+
+def uint8_colourful(n=12, size=20, seed=0):
+    return (colourful(n, size, seed) * 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("op, ref_op, factors", [
+    (fd.brightness_u8_, TF.adjust_brightness, [0.6, 0.77, 1.0, 1.23, 1.4]),
+    (fd.contrast_u8_, TF.adjust_contrast, [0.6, 0.77, 1.0, 1.23, 1.4]),
+    (fd.saturation_u8_, TF.adjust_saturation, [0.6, 0.77, 1.0, 1.23, 1.4]),
+    (fd.hue_u8_, TF.adjust_hue, [-0.5, -0.4, -0.13, -0.001, 0.0, 0.001, 0.29, 0.4, 0.5]),
+])
+def test_uint8_jitter_op_equals_torchvision_on_pillow_images(op, ref_op, factors):
+    for img in uint8_colourful(n=6):
+        for f in factors:
+            ref = TF.pil_to_tensor(ref_op(TF.to_pil_image(img), f))
+            assert torch.equal(op(img.clone(), f), ref), (op.__name__, f)
+
+
+def test_uint8_grayscale_equals_pillow():
+    for img in uint8_colourful(n=6):
+        ref = TF.pil_to_tensor(TF.rgb_to_grayscale(TF.to_pil_image(img), num_output_channels=3))
+        assert torch.equal(fd.grayscale_u8_(img.clone()), ref)
+
+
+def test_luma_u8_is_pillows_convert_L_on_all_colours():
+    to_hsv, _ = fd.hsv_tables()
+    c = torch.arange(0, 1 << 24, 97, dtype=torch.int32)  # a spread of 173,000 colours
+    rgb = torch.stack([c >> 16, (c >> 8) & 255, c & 255]).view(3, 1, -1)
+    ref = TF.pil_to_tensor(TF.to_pil_image(rgb.to(torch.uint8)).convert("L"))
+    assert torch.equal(fd.luma_u8(rgb).to(torch.uint8), ref[0])
+
+
+def test_cpu_augment_batch_equals_train_transform_ops_on_pillow_images(cache):
+    # On the CPU, for the same random choices, augment_batch gives what train_transform's
+    # RandomGrayscale, ColorJitter, RandomHorizontalFlip, ToTensor and Normalize give.
+    x = torch.cat([cache.images[:9], uint8_colourful(n=9, size=SIZE)])
     params = fd.sample_augmentation(len(x), torch.Generator().manual_seed(5))
-    ref = TF.normalize(fd.apply_augmentation_(x.float() / 255, params), IMAGENET_MEAN, IMAGENET_STD)
-    assert torch.allclose(out, ref, rtol=0, atol=1e-6)
+    params["grayscale"][:4] = torch.tensor([True, False, True, False])
+    out = fd.augment_batch(x, torch.Generator().manual_seed(5))
+    ref = pil_reference(x, fd.sample_augmentation(len(x), torch.Generator().manual_seed(5)))
+    assert torch.allclose(out, ref, rtol=0, atol=2e-6)
+    out = fd._augment_cpu(x, params)
+    assert torch.allclose(out, pil_reference(x, params), rtol=0, atol=2e-6)
     # Same seed, same batch; another seed, another batch.
-    assert torch.equal(out, fd.augment_batch(x, torch.Generator().manual_seed(5)))
+    assert torch.equal(fd.augment_batch(x, torch.Generator().manual_seed(5)),
+                       fd.augment_batch(x, torch.Generator().manual_seed(5)))
     assert not torch.equal(out, fd.augment_batch(x, torch.Generator().manual_seed(6)))
 
 
@@ -198,6 +251,12 @@ def test_cached_batches(cache):
     train = list(fd.CachedBatches(cache, batches, augment=True, generator=torch.Generator().manual_seed(0)))
     assert [b["img"].shape for b in train] == [(len(i), 3, SIZE, SIZE) for i in batches]
     assert not torch.equal(train[0]["img"], eval_batches[0]["img"])
+    # Worker processes give the very same batches (the choices are drawn in this process).
+    workers = list(fd.CachedBatches(cache, batches, augment=True, generator=torch.Generator().manual_seed(0),
+                                    num_workers=2))
+    for a, b in zip(train, workers):
+        assert torch.equal(a["img"], b["img"]) and torch.equal(a["idx"], b["idx"])
+        assert torch.equal(a["label"], b["label"])
 
 
 def test_cached_batches_reiterates_a_sampler(cache):

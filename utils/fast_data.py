@@ -12,8 +12,10 @@ augmentations are applied to a whole batch at once, on the batch's device:
 with every random choice drawn per image, as the per-image transforms draw them.
 The colour ops are torchvision's tensor formulas with one factor per image; on
 identical factors they equal torchvision.transforms.functional on each image (to
-float rounding). The train_transform path applies them to Pillow images, which
-rounds to 8 bits after each op, so its outputs differ from these by that rounding.
+float rounding). That float path runs on GPUs. On the CPU the ops instead use Pillow's 8-bit
+arithmetic on uint8 tensors (apply_augmentation_u8_), so for the same random choices the outputs
+equal train_transform's (which applies them to Pillow images, rounding to 8 bits after each op);
+CachedBatches(num_workers=N) runs that in N worker processes.
 """
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -210,10 +212,142 @@ def normalize_batch(x_uint8):
     return out
 
 
-def augment_batch(x_uint8, generator=None):
+# ---------------------------------------------------------------------------
+# The CPU path: Pillow's 8-bit arithmetic on uint8 tensors, one image at a time.
+#
+# train_transform applies the colour ops to Pillow images, which hold 8 bits per channel and
+# round after every op. On the CPU the cached pipeline does the same arithmetic on uint8 tensors
+# (so for the same random choices its outputs equal train_transform's), which is also far
+# cheaper than float32:
+#   grayscale   Pillow's RGB -> L:  L = (19595 R + 38470 G + 7471 B + 2**15) >> 16
+#   brightness  Image.blend(black, img, f):      trunc(clip(f v))            (float32 arithmetic)
+#   contrast    Image.blend(gray mean, img, f):  trunc(clip(m + f (v - m))), m = int(mean(L) + 0.5)
+#   saturation  Image.blend(L, img, f):          trunc(clip(L + f (v - L)))
+#   hue         RGB -> HSV (8 bits), H += int(255 f) mod 256, HSV -> RGB, with Pillow's own
+#               conversions tabulated once over all 2**24 colours (two 64 MB int32 tables).
+# Brightness and contrast are per-image 256-entry lookup tables.
+
+_HSV = {}
+
+
+def hsv_tables():
+    """(to_hsv, to_rgb): int32 tables of Pillow's RGB <-> HSV conversions over all 2**24 inputs.
+    to_hsv[r << 16 | g << 8 | b] = h << 16 | s << 8 | v; to_rgb[h << 16 | s << 8 | v] = b << 16 | g << 8 | r. Built once per process (about 1-2 s, 128 MB); build it
+    before forking workers and they share it."""
+    if not _HSV:
+        import numpy as np
+        from PIL import Image
+        c = np.arange(1 << 24, dtype=np.uint32)
+        grid = np.stack([c >> 16, (c >> 8) & 255, c & 255], axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
+        del c
+        hsv = np.asarray(Image.fromarray(grid, "RGB").convert("HSV")).reshape(-1, 3).astype(np.int32)
+        to_hsv = torch.from_numpy((hsv[:, 0] << 16) | (hsv[:, 1] << 8) | hsv[:, 2])
+        del hsv
+        rgb = np.asarray(Image.frombytes("HSV", (4096, 4096), grid.tobytes()).convert("RGB"))
+        rgb = rgb.reshape(-1, 3).astype(np.int32)
+        to_rgb = torch.from_numpy(rgb[:, 0] | (rgb[:, 1] << 8) | (rgb[:, 2] << 16))
+        _HSV["tables"] = (to_hsv, to_rgb)
+    return _HSV["tables"]
+
+
+def luma_u8(x32):
+    """Pillow's RGB -> L on int32 ... x 3 x H x W values 0..255: int32 ... x H x W."""
+    r, g, b = x32.unbind(-3)
+    return (r * 19595).add_(g, alpha=38470).add_(b, alpha=7471).add_(32768).bitwise_right_shift_(16)
+
+
+def blend_lut(base, factor):
+    """Image.blend(constant base, img, factor) as a 256-entry uint8 table over img's values."""
+    v = torch.arange(256, dtype=torch.float32)
+    return (v - float(base)).mul_(torch.tensor(factor, dtype=torch.float32)).add_(float(base)) \
+        .clamp_(0, 255).to(torch.uint8)
+
+
+def _lut_(x, lut):
+    torch.index_select(lut, 0, x.reshape(-1).to(torch.int32), out=x.view(-1))
+    return x
+
+
+def grayscale_u8_(x):
+    """x: 3 x H x W uint8, in place: Pillow's convert("L") in all three channels."""
+    x.copy_(luma_u8(x.to(torch.int32)).unsqueeze(0).expand_as(x))
+    return x
+
+
+def brightness_u8_(x, factor):
+    return _lut_(x, blend_lut(0, factor))
+
+
+def contrast_u8_(x, factor):
+    total = int(luma_u8(x.to(torch.int32)).sum())
+    mean = int(total / (x.shape[-1] * x.shape[-2]) + 0.5)  # ImageEnhance.Contrast's mean (ImageStat)
+    return _lut_(x, blend_lut(mean, factor))
+
+
+def saturation_u8_(x, factor):
+    x32 = x.to(torch.int32)
+    gray = luma_u8(x32)
+    out = x32.sub_(gray).to(torch.float32).mul_(torch.tensor(factor, dtype=torch.float32))
+    out.add_(gray.to(torch.float32)).clamp_(0, 255)
+    x.copy_(out.to(torch.int32))
+    return x
+
+
+def hue_u8_(x, factor):
+    shift = int(factor * 255) % 256  # np.int32(hue_factor * 255).astype(np.uint8): truncate, wrap
+    to_hsv, to_rgb = hsv_tables()
+    x32 = x.to(torch.int32)
+    idx = (x32[0] << 16).bitwise_or_(x32[1] << 8).bitwise_or_(x32[2]).view(-1)
+    hsv = torch.index_select(to_hsv, 0, idx)
+    hsv.add_(shift << 16).bitwise_and_(0xFFFFFF)
+    rgb = torch.index_select(to_rgb, 0, hsv)
+    r, g, b = x.view(3, -1)
+    r.copy_(rgb & 255)
+    g.copy_(rgb.bitwise_right_shift(8).bitwise_and_(255))
+    b.copy_(rgb.bitwise_right_shift_(16))
+    return x
+
+
+JITTER_OPS_U8 = (brightness_u8_, contrast_u8_, saturation_u8_, hue_u8_)
+
+
+def apply_augmentation_u8_(x, params):
+    """Sampled choices applied to uint8 B x 3 x H x W (CPU, contiguous), in place, with Pillow's
+    8-bit arithmetic (what train_transform computes), except the flip, which the caller applies."""
+    gray, order, factors = params["grayscale"].tolist(), params["order"].tolist(), params["factors"].tolist()
+    for i in range(len(x)):
+        img = x[i]
+        if gray[i]:
+            grayscale_u8_(img)
+        for op_id in order[i]:
+            JITTER_OPS_U8[op_id](img, factors[i][op_id])
+    return x
+
+
+_SCALE = torch.tensor([1 / (255 * s) for s in IMAGENET_STD]).view(3, 1, 1)
+_SHIFT = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
+
+
+def _augment_cpu(x_uint8, params, out=None):
+    x = x_uint8.contiguous().clone()
+    apply_augmentation_u8_(x, params)
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float32)
+    flip = params["flip"].tolist()
+    for i in range(len(x)):
+        # ToTensor + Normalize in one pass: v / (255 std) - mean / std.
+        out[i].copy_(x[i].flip(-1) if flip[i] else x[i]).mul_(_SCALE).add_(_SHIFT)
+    return out
+
+
+def augment_batch(x_uint8, generator=None, out=None):
     """Train: uint8 B x 3 x S x S -> augmented, normalised float on the same device.
-    The per-image random choices come from `generator` (a CPU torch.Generator) or torch's global RNG."""
+    The per-image random choices come from `generator` (a CPU torch.Generator) or torch's global RNG.
+    On the CPU the colour ops use Pillow's 8-bit arithmetic (as train_transform does); on other
+    devices torchvision's float formulas (see apply_augmentation_)."""
     params = sample_augmentation(len(x_uint8), generator)
+    if x_uint8.device.type == "cpu":
+        return _augment_cpu(x_uint8, params, out)
     out = torch.empty(x_uint8.shape, dtype=torch.float32, device=x_uint8.device)
     for part in _sub_batches(x_uint8):
         x = _to_unit_(x_uint8[part], out[part])
@@ -225,22 +359,64 @@ def augment_batch(x_uint8, generator=None):
 # Batches
 
 
+class _BatchJobs(Dataset):
+    """For DataLoader workers: item (indices, params) -> the augmented batch, built in the worker
+    from the cache (forked workers read it, and the HSV tables, copy-on-write) into shared memory."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __getitem__(self, job):
+        idx, params = job
+        x = self.cache.images[idx]
+        out = torch.empty(0, dtype=torch.float32)
+        if torch.utils.data.get_worker_info() is not None:  # straight into shared memory, as default_collate does
+            out = out.new(out._typed_storage()._new_shared(x.numel(), device=out.device))
+        out = _augment_cpu(x, params, out.resize_(x.shape))
+        return {"img": out, "label": self.cache.labels[idx], "idx": idx}
+
+
+def _one_thread(_):
+    torch.set_num_threads(1)  # the workers already use the cores; threads within them only contend
+
+
 class CachedBatches:
     """Batches {"img", "label", "idx"} from CachedImages, like a DataLoader over SceneDataset.
 
     batches: an iterable of index lists (e.g. the training engine's batch sampler; it is iterated
     afresh on every pass, so a sampler gives a new order each epoch). Images are gathered where
     the cache lives, moved to `device` as uint8 and augmented (augment=True) or only normalised there.
+    With augment=True on the CPU (cache and device), the colour ops use Pillow's 8-bit arithmetic
+    (see apply_augmentation_u8_) and, with num_workers > 0, whole batches are augmented in that many
+    DataLoader worker processes (one thread each), ahead of the consumer; the random choices are
+    still drawn in this process from `generator`, so the batches equal those of num_workers=0.
     """
 
-    def __init__(self, cache, batches, device="cpu", augment=False, generator=None):
+    def __init__(self, cache, batches, device="cpu", augment=False, generator=None, num_workers=0):
         self.cache, self.batches = cache, batches
         self.device, self.augment, self.generator = torch.device(device), augment, generator
+        self.num_workers = num_workers
 
     def __len__(self):
         return len(self.batches)
 
+    def _jobs(self):
+        for batch in self.batches:
+            idx = torch.as_tensor(list(batch), dtype=torch.long)
+            yield idx, sample_augmentation(len(idx), self.generator)
+
     def __iter__(self):
+        on_cpu = self.cache.images.device.type == "cpu"
+        if self.augment and on_cpu and self.device.type == "cpu":
+            hsv_tables()  # built before the workers fork, so that they share it
+            jobs = _BatchJobs(self.cache)
+            if self.num_workers > 0:
+                batches = DataLoader(jobs, batch_size=None, sampler=self._jobs(), num_workers=self.num_workers,
+                                     worker_init_fn=_one_thread)
+            else:
+                batches = map(jobs.__getitem__, self._jobs())
+            yield from batches
+            return
         for batch in self.batches:
             idx = torch.as_tensor(list(batch), dtype=torch.long)
             x = self.cache.images[idx.to(self.cache.images.device)]

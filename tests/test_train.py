@@ -115,3 +115,20 @@ def test_resume_refuses_another_configuration(tiny_root, tmp_path):
     proc = run_script("MU", *common, "--epochs", "2", "--resume", ckpt, check=False)
     assert proc.returncode == 2 and "variant='MB'" in proc.stderr
     assert os.path.getmtime(ckpt) == before  # the checkpoint is untouched
+
+
+@pytest.mark.parametrize("variant", ["MU", "MB"])
+def test_amp_and_cached_pipeline_on_the_cpu(variant, tiny_root, tmp_path):
+    """--amp (bfloat16 autocast on the CPU) with the cached batch pipeline, a few steps."""
+    run_script(variant, "--data", tiny_root, "--dataset", "digits", "-b", "16", "--lr", "0.01", "--epochs", "1",
+               "--out", str(tmp_path), "--name", "amp", *FAST, "--amp", "--pipeline", "cached",
+               "--num_workers", "1")
+    tags = event_tags(tmp_path / "amp" / "tensorboard")
+    for tag in ("train/loss_cdne", "train/loss_ce", "train/loss_quant"):
+        value = tags[tag][0][1]
+        assert value == value and 0 < value < 50, (tag, value)
+    ckpt = torch.load(tmp_path / "amp" / "checkpoint_last.pth", weights_only=True)
+    memory = ckpt["variant"]["memory"]["memory"]
+    assert memory.dtype == torch.float32
+    assert torch.allclose(memory.norm(dim=1), torch.ones(len(memory)), atol=1e-3)  # every row written, unit norm
+    assert ckpt["args"]["amp"] and ckpt["args"]["pipeline"] == "cached"

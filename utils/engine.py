@@ -244,7 +244,8 @@ class Data:
         self.train_batches.set_epoch(epoch, start)
         if "train" in self.cache:
             from .fast_data import CachedBatches
-            return CachedBatches(self.cache["train"], self.train_batches, self.args.device_obj, augment=True)
+            return CachedBatches(self.cache["train"], self.train_batches, self.args.device_obj, augment=True,
+                                 num_workers=self.args.num_workers)
         return _loader(self.train, self.train_batches, self.args, epoch)
 
     def eval_loader(self, split):

@@ -93,7 +93,7 @@ class HashingNet(nn.Module):
 
     def forward(self, x):
         f = self.fc1(self.backbone(x))
-        e = F.normalize(f, dim=1)
+        e = F.normalize(f.float(), dim=1)  # unit norm in float32, also under autocast
         return f, e, self.fc2(f)
 
 

@@ -194,8 +194,8 @@ class EpochBatches:
 
 
 def _loader(dataset, batches, args, epoch=0):
-    # Own generator: worker seeds follow from (seed, epoch), and the global RNG is not consumed.
-    g = torch.Generator().manual_seed(args.seed * 7919 + epoch)
+    # Own generator: worker seeds follow from (seed, epoch, rank), and the global RNG is not consumed.
+    g = torch.Generator().manual_seed(args.seed * 7919 + epoch + 1_000_003 * dist.rank())
     return DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, generator=g,
                       pin_memory=args.device_obj.type == "cuda")
 

@@ -6,6 +6,7 @@ else cannot run code; torch.load(weights_only=True) refuses anything else.
 import os
 import pickle
 import random
+import re
 import tempfile
 
 import numpy as np
@@ -42,8 +43,12 @@ def safe_load(path, what="checkpoint"):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UserError(f"{path} holds more than tensors and plain data, so it is not loaded (it could run code): "
-                        f"{str(err).splitlines()[0][:200]}; use a {what} written by this project") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found:  # a reference to a function or class: loading it could run code
+            raise UserError(f"{path} holds more than tensors and plain data ({found.group(1)}), so it is not "
+                            f"loaded (it could run code); use a {what} written by this project") from None
+        raise UserError(f"{path} is not a readable {what} (not a torch file of tensors and plain data); "
+                        f"pass a {what} written by this project") from None
     except Exception as err:  # noqa: BLE001 - truncated zip, not a torch file, ...
         raise UserError(f"{path} is not a readable {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                         f"pass a {what} written by this project") from None

@@ -184,6 +184,9 @@ def bench_pipeline(args):
     print(f"  per-image Pillow DataLoader (train_transform): {base_rate:8.1f} images/s")
     print(f"  CachedImages + augment_batch on {device}:{' ' * max(0, 8 - len(str(device)))} {fast_rate:8.1f} images/s"
           f"   ({fast_rate / base_rate:.2f}x)")
+    if device.type == "cpu":
+        print("  (the digits are gray images: on those the cached CPU path works on one plane and skips "
+              "saturation and hue, identities there; colour images cost it more)")
     print(f"  one-off decode of {len(cache)} images into the cache: {decode:.2f} s "
           f"({cache.images.numel() / 2 ** 20:.0f} MB uint8)")
 

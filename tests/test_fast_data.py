@@ -266,3 +266,32 @@ def test_cached_batches_reiterates_a_sampler(cache):
     epoch1 = torch.cat([b["idx"] for b in loader])
     epoch2 = torch.cat([b["idx"] for b in loader])
     assert sorted(epoch1.tolist()) == sorted(epoch2.tolist()) == list(range(len(cache)))  # last partial batch kept
+
+
+def test_float_luma_is_pillows_convert_L_on_all_colours():
+    c = torch.arange(0, 1 << 24, 97, dtype=torch.int32)
+    rgb = torch.stack([c >> 16, (c >> 8) & 255, c & 255]).view(3, 1, -1)
+    ref = TF.pil_to_tensor(TF.to_pil_image(rgb.to(torch.uint8)).convert("L"))
+    assert torch.equal(fd._luma_f(rgb.float()).to(torch.uint8), ref[0])
+
+
+def test_is_gray():
+    for size in (24, 21):  # 21 * 21 pixels: not a multiple of 8, the bytewise compare
+        x = uint8_colourful(n=6, size=size)
+        assert not fd._is_gray(x[1])
+        gray = x[1, :1].expand(3, -1, -1).contiguous()
+        assert fd._is_gray(gray)
+        gray[2, -1, -1] ^= 1
+        assert not fd._is_gray(gray)
+
+
+def test_cpu_augment_of_gray_images_and_odd_sizes_equals_pillow():
+    # Gray images (unflagged: the one-plane shortcut, where saturation and hue are identities),
+    # flagged ones, colour ones, at a size that is not a multiple of 8 pixels, each op at each position.
+    x = uint8_colourful(n=24, size=21, seed=3)
+    x[:12] = x[:12, :1]
+    params = fd.sample_augmentation(len(x), torch.Generator().manual_seed(7))
+    params["order"] = torch.stack([torch.roll(torch.arange(4), i) for i in range(4)] * 6)
+    params["grayscale"][:] = torch.arange(len(x)) % 3 == 0
+    out = fd._augment_cpu(x, params)
+    assert torch.allclose(out, pil_reference(x, params), rtol=0, atol=2e-6)

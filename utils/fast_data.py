@@ -213,19 +213,27 @@ def normalize_batch(x_uint8):
 
 
 # ---------------------------------------------------------------------------
-# The CPU path: Pillow's 8-bit arithmetic on uint8 tensors, one image at a time.
+# The CPU path: Pillow's 8-bit arithmetic, one image at a time.
 #
 # train_transform applies the colour ops to Pillow images, which hold 8 bits per channel and
-# round after every op. On the CPU the cached pipeline does the same arithmetic on uint8 tensors
-# (so for the same random choices its outputs equal train_transform's), which is also far
-# cheaper than float32:
+# round after every op. On the CPU the cached pipeline does the same arithmetic (so for the same
+# random choices its outputs equal train_transform's). It works on float32 planes holding the
+# integers 0..255, straight in the output buffer (ToTensor + Normalize then is one pass at the
+# end): elementwise float32 passes are several times cheaper here than int32 conversions and
+# gathers (index_select costs 1-3 ns an element; a 256-entry lookup table loses to arithmetic).
 #   grayscale   Pillow's RGB -> L:  L = (19595 R + 38470 G + 7471 B + 2**15) >> 16
-#   brightness  Image.blend(black, img, f):      trunc(clip(f v))            (float32 arithmetic)
-#   contrast    Image.blend(gray mean, img, f):  trunc(clip(m + f (v - m))), m = int(mean(L) + 0.5)
+#               (the integer sums stay below 2**24, so float32 holds them exactly)
+#   brightness  Image.blend(black, img, f):      trunc(clip(f v))            (float32 arithmetic,
+#   contrast    Image.blend(gray mean, img, f):  trunc(clip(m + f (v - m))),  as Pillow's blend)
+#               m = int(mean(L) + 0.5)
 #   saturation  Image.blend(L, img, f):          trunc(clip(L + f (v - L)))
 #   hue         RGB -> HSV (8 bits), H += int(255 f) mod 256, HSV -> RGB, with Pillow's own
 #               conversions tabulated once over all 2**24 colours (two 64 MB int32 tables).
-# Brightness and contrast are per-image 256-entry lookup tables.
+# Gray images (r = g = b, e.g. after RandomGrayscale) are worked on as one plane: brightness and
+# contrast keep them gray (the same table on each channel, and L = v), and saturation and hue
+# leave them unchanged (L = v, and Pillow's HSV gives s = 0, which converts back to (v, v, v)).
+# The flip commutes with the colour ops (contrast's mean does not depend on pixel order), so it
+# is applied first, to the uint8 image.
 
 _HSV = {}
 
@@ -263,52 +271,109 @@ def blend_lut(base, factor):
         .clamp_(0, 255).to(torch.uint8)
 
 
-def _lut_(x, lut):
-    torch.index_select(lut, 0, x.reshape(-1).to(torch.int32), out=x.view(-1))
+def _f32(factor):
+    # The factor as Pillow's blend sees it (a C float), as a Python float: products with 8-bit
+    # integers are then exact in double, so float32 results do not depend on how torch casts it.
+    return float(torch.tensor(float(factor), dtype=torch.float32))
+
+
+def _luma_f(x, out=None):
+    """Pillow's RGB -> L on a float32 3 x H x W image of integers: float32 H x W (exact)."""
+    r, g, b = x.unbind(-3)
+    out = torch.mul(r, 19595.0, out=out)
+    return out.add_(g, alpha=38470.0).add_(b, alpha=7471.0).add_(32768.0).mul_(1.0 / 65536).floor_()
+
+
+def _blend_(x, base, factor):
+    # Image.blend(base, x, factor) = trunc(clip(base + factor (x - base))) in float32; base is a
+    # number or a plane broadcast over the channels.
+    return x.sub_(base).mul_(_f32(factor)).add_(base).clamp_(0.0, 255.0).trunc_()
+
+
+def _brightness_f_(x, factor, gray=False):
+    return x.mul_(_f32(factor)).clamp_(0.0, 255.0).trunc_()  # the blend with 0
+
+
+def _contrast_f_(x, factor, gray=False):
+    # On a gray image (one plane or three equal ones) L = v.
+    luma = x[0] if gray else _luma_f(x)
+    total = float(luma.sum(dtype=torch.float64))
+    mean = int(total / (x.shape[-1] * x.shape[-2]) + 0.5)  # ImageEnhance.Contrast's mean (ImageStat)
+    return _blend_(x, float(mean), factor)
+
+
+def _saturation_f_(x, factor, gray=False):
+    if gray:
+        return x  # L = v: the blend gives v back
+    return _blend_(x, _luma_f(x), factor)
+
+
+def _hue_f_(x, factor, gray=False):
+    if gray:
+        return x  # s = 0: Pillow's HSV -> RGB gives (v, v, v)
+    shift = int(factor * 255) % 256  # np.int32(hue_factor * 255).astype(np.uint8): truncate, wrap
+    to_hsv, to_rgb = hsv_tables()
+    r, g, b = x.unbind(-3)
+    idx = torch.mul(r, 65536.0).add_(g, alpha=256.0).add_(b).to(torch.int32).view(-1)  # exact: < 2**24
+    hsv = torch.index_select(to_hsv, 0, idx)
+    hsv.add_(shift << 16).bitwise_and_(0xFFFFFF)
+    rgb = torch.index_select(to_rgb, 0, hsv, out=idx)
+    xr, xg, xb = x.view(3, -1)
+    xr.copy_(rgb & 255)
+    xg.copy_(rgb.bitwise_right_shift(8).bitwise_and_(255))
+    xb.copy_(rgb.bitwise_right_shift_(16))
     return x
+
+
+JITTER_OPS_F = (_brightness_f_, _contrast_f_, _saturation_f_, _hue_f_)
+
+
+def _via_float(op):
+    def op_u8_(x, factor):
+        """x: 3 x H x W uint8, in place (see JITTER_OPS_F)."""
+        x.copy_(op(x.to(torch.float32), factor))
+        return x
+    op_u8_.__name__ = op.__name__.strip("_").replace("_f", "_u8_")
+    return op_u8_
+
+
+brightness_u8_, contrast_u8_, saturation_u8_, hue_u8_ = map(_via_float, JITTER_OPS_F)
+JITTER_OPS_U8 = (brightness_u8_, contrast_u8_, saturation_u8_, hue_u8_)
 
 
 def grayscale_u8_(x):
     """x: 3 x H x W uint8, in place: Pillow's convert("L") in all three channels."""
-    x.copy_(luma_u8(x.to(torch.int32)).unsqueeze(0).expand_as(x))
+    x.copy_(_luma_f(x.to(torch.float32)).unsqueeze(0).expand_as(x))
     return x
 
 
-def brightness_u8_(x, factor):
-    return _lut_(x, blend_lut(0, factor))
+def _is_gray(x):
+    """Whether a 3 x H x W uint8 image has r = g = b everywhere."""
+    flat = x.reshape(3, -1)
+    if flat.shape[1] % 8 == 0:
+        flat = flat.view(torch.int64)  # 8 pixels a compare
+    return torch.equal(flat[0], flat[1]) and torch.equal(flat[1], flat[2])
 
 
-def contrast_u8_(x, factor):
-    total = int(luma_u8(x.to(torch.int32)).sum())
-    mean = int(total / (x.shape[-1] * x.shape[-2]) + 0.5)  # ImageEnhance.Contrast's mean (ImageStat)
-    return _lut_(x, blend_lut(mean, factor))
-
-
-def saturation_u8_(x, factor):
-    x32 = x.to(torch.int32)
-    gray = luma_u8(x32)
-    out = x32.sub_(gray).to(torch.float32).mul_(torch.tensor(factor, dtype=torch.float32))
-    out.add_(gray.to(torch.float32)).clamp_(0, 255)
-    x.copy_(out.to(torch.int32))
-    return x
-
-
-def hue_u8_(x, factor):
-    shift = int(factor * 255) % 256  # np.int32(hue_factor * 255).astype(np.uint8): truncate, wrap
-    to_hsv, to_rgb = hsv_tables()
-    x32 = x.to(torch.int32)
-    idx = (x32[0] << 16).bitwise_or_(x32[1] << 8).bitwise_or_(x32[2]).view(-1)
-    hsv = torch.index_select(to_hsv, 0, idx)
-    hsv.add_(shift << 16).bitwise_and_(0xFFFFFF)
-    rgb = torch.index_select(to_rgb, 0, hsv)
-    r, g, b = x.view(3, -1)
-    r.copy_(rgb & 255)
-    g.copy_(rgb.bitwise_right_shift(8).bitwise_and_(255))
-    b.copy_(rgb.bitwise_right_shift_(16))
-    return x
-
-
-JITTER_OPS_U8 = (brightness_u8_, contrast_u8_, saturation_u8_, hue_u8_)
+def _augment_image(src, gray_flag, order, factors, flip, out):
+    """One image: uint8 3 x H x W -> out (float32 3 x H x W), Pillow's arithmetic, normalised."""
+    if flip:
+        src = src.flip(-1)
+    if gray_flag:
+        plane = _luma_f(out.copy_(src), out=torch.empty(src.shape[1:]))[None]
+        gray = True
+    else:
+        gray = _is_gray(src)
+        plane = out[:1].copy_(src[:1]) if gray else out.copy_(src)
+    for op_id in order:
+        JITTER_OPS_F[op_id](plane, factors[op_id], gray)
+    # ToTensor + Normalize in one pass: v / (255 std) - mean / std.
+    if gray:
+        for c in (2, 1, 0):  # channel 0 last: it may be the plane itself
+            torch.mul(plane[0], _SCALE_LIST[c], out=out[c]).add_(_SHIFT_LIST[c])
+    else:
+        out.mul_(_SCALE).add_(_SHIFT)
+    return out
 
 
 def apply_augmentation_u8_(x, params):
@@ -326,17 +391,16 @@ def apply_augmentation_u8_(x, params):
 
 _SCALE = torch.tensor([1 / (255 * s) for s in IMAGENET_STD]).view(3, 1, 1)
 _SHIFT = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
+_SCALE_LIST, _SHIFT_LIST = _SCALE.view(-1).tolist(), _SHIFT.view(-1).tolist()
 
 
 def _augment_cpu(x_uint8, params, out=None):
-    x = x_uint8.contiguous().clone()
-    apply_augmentation_u8_(x, params)
     if out is None:
-        out = torch.empty(x.shape, dtype=torch.float32)
-    flip = params["flip"].tolist()
-    for i in range(len(x)):
-        # ToTensor + Normalize in one pass: v / (255 std) - mean / std.
-        out[i].copy_(x[i].flip(-1) if flip[i] else x[i]).mul_(_SCALE).add_(_SHIFT)
+        out = torch.empty(x_uint8.shape, dtype=torch.float32)
+    gray, order = params["grayscale"].tolist(), params["order"].tolist()
+    factors, flip = params["factors"].tolist(), params["flip"].tolist()
+    for i in range(len(x_uint8)):
+        _augment_image(x_uint8[i], gray[i], order[i], factors[i], flip[i], out[i])
     return out
 
 

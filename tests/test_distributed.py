@@ -35,3 +35,28 @@ def test_two_processes_keep_identical_memories(variant, digits_root, tmp_path):
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
     results = json.loads((run_dir / "results.json").read_text())
     assert results["val"]["P@20"] > 0.25, results["val"]  # chance is 0.1
+
+
+def test_distributed_resume_continues_exactly(tmp_path):
+    from utils.digits import make_digits
+
+    make_digits(str(tmp_path / "data"), size=16, per_class=12)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def launch(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               SCRIPTS["MB"], "--data", str(tmp_path / "data"), "--dataset", "digits", "-b", "16", "--lr", "0.01",
+               "--out", str(tmp_path), "--no-pretrained", "--img-size", "16", "--dim", "8", "--num_workers", "0",
+               "--device", "cpu", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    launch("--epochs", "2", "--name", "straight")
+    launch("--epochs", "1", "--name", "cut")
+    launch("--epochs", "2", "--resume", str(tmp_path / "cut" / "checkpoint_last.pth"))
+    a = torch.load(tmp_path / "straight" / "checkpoint_last.pth", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint_last.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k].double(), b["model"][k].double(), rtol=0, atol=1e-6, msg=k)
+    torch.testing.assert_close(a["variant"]["memory"]["memory"], b["variant"]["memory"]["memory"], rtol=0, atol=1e-6)

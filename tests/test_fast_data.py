@@ -295,3 +295,21 @@ def test_cpu_augment_of_gray_images_and_odd_sizes_equals_pillow():
     params["grayscale"][:] = torch.arange(len(x)) % 3 == 0
     out = fd._augment_cpu(x, params)
     assert torch.allclose(out, pil_reference(x, params), rtol=0, atol=2e-6)
+
+
+def test_hue_tables_equal_pillows_hsv_conversions_on_all_inputs():
+    to_hsv, to_rgb = fd.hsv_tables()  # Pillow's convert("HSV") / convert("RGB") over all 2**24 inputs
+    hue_shl8, sat, weights = fd.hue_tables()
+    v = torch.arange(256, dtype=torch.float64)
+    for start in range(0, 1 << 24, 1 << 20):
+        c = torch.arange(start, start + (1 << 20), dtype=torch.int32)
+        r, g, b = c >> 16, (c >> 8) & 255, c & 255
+        hsv = to_hsv[c]
+        assert torch.equal(hue_shl8[(r - g + 255) * 511 + (g - b + 255)] >> 8, hsv >> 16)
+        vmax, vmin = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
+        assert torch.equal(sat[vmax * 256 + vmin], (hsv >> 8) & 255)
+        hs = c[::256] >> 8  # the h << 8 | s of this chunk, each with all 256 values of v
+        ref = to_rgb[c].view(-1, 256)
+        for ch in range(3):
+            out = (weights[ch][hs].view(-1, 1) * v.view(1, -1)).round_()
+            assert torch.equal(out, ((ref >> (8 * ch)) & 255).double()), ch

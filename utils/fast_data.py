@@ -227,8 +227,8 @@ def normalize_batch(x_uint8):
 #   contrast    Image.blend(gray mean, img, f):  trunc(clip(m + f (v - m))),  as Pillow's blend)
 #               m = int(mean(L) + 0.5)
 #   saturation  Image.blend(L, img, f):          trunc(clip(L + f (v - L)))
-#   hue         RGB -> HSV (8 bits), H += int(255 f) mod 256, HSV -> RGB, with Pillow's own
-#               conversions tabulated once over all 2**24 colours (two 64 MB int32 tables).
+#   hue         RGB -> HSV (8 bits), H += int(255 f) mod 256, HSV -> RGB, Pillow's conversions
+#               through small tables (hue_tables; hsv_tables has them over all 2**24 inputs).
 # Gray images (r = g = b, e.g. after RandomGrayscale) are worked on as one plane: brightness and
 # contrast keep them gray (the same table on each channel, and L = v), and saturation and hue
 # leave them unchanged (L = v, and Pillow's HSV gives s = 0, which converts back to (v, v, v)).
@@ -308,20 +308,64 @@ def _saturation_f_(x, factor, gray=False):
     return _blend_(x, _luma_f(x), factor)
 
 
+_HUE = {}
+
+
+def hue_tables():
+    """Small tables of Pillow's 8-bit HSV round trip (see _hue_f_), built once per process
+    (milliseconds, under 2 MB; build them before forking workers and they share them):
+    hue_shl8[(r - g + 255) * 511 + (g - b + 255)] = h << 8 (Pillow's h depends only on differences),
+    sat[v << 8 | min] = s, and weights[c][h << 8 | s], float64: channel c of HSV -> RGB is
+    round(v * weights[c]) (1, 1 - s/255 or 1 - fs/255-type factors by hue sextant, as Pillow
+    computes them; tests check all 2**24 inputs against Pillow's conversion)."""
+    if not _HUE:
+        import numpy as np
+        from PIL import Image
+        d1, d2 = torch.arange(-255, 256).view(-1, 1), torch.arange(-255, 256).view(1, -1)
+        b = torch.maximum(-d2, -(d1 + d2)).clamp_(min=0)
+        g, r = b + d2, b + d2 + d1
+        rgb = torch.stack([r, g, b], -1).clamp_(max=255).to(torch.uint8).numpy()  # span > 255: unused
+        hue = torch.from_numpy(np.asarray(Image.fromarray(rgb, "RGB").convert("HSV"))[..., 0].astype(np.int32))
+        v, mn = torch.arange(256).view(-1, 1).expand(256, 256), torch.arange(256).view(1, -1).expand(256, 256)
+        rgb = torch.stack([v, torch.minimum(mn, v), torch.minimum(mn, v)], -1).to(torch.uint8).numpy()
+        sat = torch.from_numpy(np.asarray(Image.fromarray(rgb, "RGB").convert("HSV"))[..., 1].astype(np.int32))
+        # Pillow's hsv2rgb: i = floor(h 6 / 255), f = (float)(h 6 / 255 - i), fs = f s (float),
+        # p = round(v (1 - s / 255)), q = round(v (1 - fs / 255)), t = round(v (1 - (s - fs) / 255)).
+        h = torch.arange(256, dtype=torch.float64).view(-1, 1)
+        s = torch.arange(256, dtype=torch.float64).view(1, -1)
+        i = torch.floor(h * 6.0 / 255.0)
+        fs = (h * 6.0 / 255.0 - i).float() * s.float()
+        one = torch.ones(256, 256, dtype=torch.float64)
+        p = (1.0 - s / 255.0).expand(256, 256)
+        q = 1.0 - fs.double() / 255.0
+        t = 1.0 - (s.float() - fs).double() / 255.0
+        sextant = (i % 6).expand(256, 256)
+        weights = torch.zeros(3, 256, 256, dtype=torch.float64)
+        for k, chans in enumerate([(one, t, p), (q, one, p), (p, one, t), (p, q, one), (t, p, one), (one, p, q)]):
+            for c in range(3):
+                weights[c] = torch.where(sextant == k, chans[c], weights[c])
+        weights[:, :, 0] = 1.0  # s = 0: (v, v, v)
+        _HUE["tables"] = ((hue << 8).reshape(-1).contiguous(), sat.reshape(-1).contiguous(),
+                          [w.reshape(-1).contiguous() for w in weights])
+    return _HUE["tables"]
+
+
 def _hue_f_(x, factor, gray=False):
+    # Pillow's RGB -> HSV, H += shift, HSV -> RGB, through hue_tables(): five gathers from tables
+    # that stay in cache, where one lookup into 2**24-entry tables misses it nearly every time.
     if gray:
         return x  # s = 0: Pillow's HSV -> RGB gives (v, v, v)
     shift = int(factor * 255) % 256  # np.int32(hue_factor * 255).astype(np.uint8): truncate, wrap
-    to_hsv, to_rgb = hsv_tables()
+    hue_shl8, sat, weights = hue_tables()
     r, g, b = x.unbind(-3)
-    idx = torch.mul(r, 65536.0).add_(g, alpha=256.0).add_(b).to(torch.int32).view(-1)  # exact: < 2**24
-    hsv = torch.index_select(to_hsv, 0, idx)
-    hsv.add_(shift << 16).bitwise_and_(0xFFFFFF)
-    rgb = torch.index_select(to_rgb, 0, hsv, out=idx)
-    xr, xg, xb = x.view(3, -1)
-    xr.copy_(rgb & 255)
-    xg.copy_(rgb.bitwise_right_shift(8).bitwise_and_(255))
-    xb.copy_(rgb.bitwise_right_shift_(16))
+    diffs = torch.sub(g, b).add_(255.0 * 512).add_(torch.sub(r, g), alpha=511.0).to(torch.int32).view(-1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    vmin = torch.add(torch.minimum(torch.minimum(r, g), b), v, alpha=256.0).to(torch.int32).view(-1)
+    hs = torch.index_select(hue_shl8, 0, diffs)
+    hs.add_(shift << 8).bitwise_and_(0xFF00).bitwise_or_(torch.index_select(sat, 0, vmin))
+    vd = v.view(-1).to(torch.float64)
+    for c in range(3):  # round: half to even, never a tie here (tests check all inputs)
+        x[c].view(-1).copy_(torch.index_select(weights[c], 0, hs).mul_(vd).round_())
     return x
 
 
@@ -472,7 +516,7 @@ class CachedBatches:
     def __iter__(self):
         on_cpu = self.cache.images.device.type == "cpu"
         if self.augment and on_cpu and self.device.type == "cpu":
-            hsv_tables()  # built before the workers fork, so that they share it
+            hue_tables()  # built before the workers fork, so that they share them
             jobs = _BatchJobs(self.cache)
             if self.num_workers > 0:
                 batches = DataLoader(jobs, batch_size=None, sampler=self._jobs(), num_workers=self.num_workers,

@@ -201,7 +201,7 @@ def main():
     p.add_argument("--size", type=int, default=256, help="image side for the pipeline")
     p.add_argument("--workers", type=int, default=2, help="DataLoader / decode workers")
     p.add_argument("--images-batch", type=int, default=64)
-    p.add_argument("--batches", type=int, default=3, help="timed batches")
+    p.add_argument("--batches", type=int, default=10, help="timed batches (fewer gives noisy figures)")
     p.add_argument("--device", default="cpu", help="where the augmentation (and an extra loss run) happens")
     p.add_argument("--quick", action="store_true", help="N = 50,000, 128x128 images, 2 loss runs")
     p.add_argument("--skip-loss", action="store_true")

@@ -9,14 +9,25 @@ if REPO not in sys.path:
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def digits_root(tmp_path_factory):
-    """A small real-image dataset: 100 sklearn digits per class as 32x32 RGB PNGs."""
+def digits_folder(tmp_path_factory, size, per_class):
+    """A data folder holding the real sklearn digits as <data>/digits/<class>/<n>.png."""
     from utils.digits import make_digits
 
     root = tmp_path_factory.mktemp("data")
-    make_digits(str(root), size=32, per_class=100)
+    make_digits(str(root), size=size, per_class=per_class)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory):
+    """100 digits per class as 32x32 RGB PNGs: enough to learn something in two epochs."""
+    return digits_folder(tmp_path_factory, 32, 100)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """12 digits per class as 16x16 PNGs: for runs whose outcome is not the point."""
+    return digits_folder(tmp_path_factory, 16, 12)
 
 
 def load_script(folder):

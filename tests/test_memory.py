@@ -42,14 +42,18 @@ def test_memory_unit_replaces_rows():
     assert torch.equal(unit.memory[1], x[0]) and torch.equal(unit.memory[9], x[1])
 
 
-def test_key_encoder_ema_changes_parameters_only():
-    MemoryUnitVariant = load_script("train").MemoryUnitVariant
+def memory_unit_variant():
+    """train/main.py's variant around a small random network; returns (network, variant)."""
     from utils.models import HashingNet
 
     torch.manual_seed(0)
     model = HashingNet("resnet18", num_classes=3, dim=8, pretrained=False)
     args = type("A", (), {"dim": 8, "temperature": 0.05})()
-    variant = MemoryUnitVariant(args, model, 5)
+    return model, load_script("train").MemoryUnitVariant(args, model, 5)
+
+
+def test_key_encoder_ema_changes_parameters_only():
+    model, variant = memory_unit_variant()
     key = variant.key_encoder
     # Buffers start equal; now change the network's parameters and buffers.
     with torch.no_grad():
@@ -65,13 +69,7 @@ def test_key_encoder_ema_changes_parameters_only():
 
 
 def test_key_encoder_shuffled_bn_keys_match_unshuffled_order():
-    MemoryUnitVariant = load_script("train").MemoryUnitVariant
-    from utils.models import HashingNet
-
-    torch.manual_seed(0)
-    model = HashingNet("resnet18", num_classes=3, dim=8, pretrained=False)
-    args = type("A", (), {"dim": 8, "temperature": 0.05})()
-    variant = MemoryUnitVariant(args, model, 5)
+    _, variant = memory_unit_variant()
     img = torch.randn(6, 3, 32, 32)
     keys = variant.keys(img)
     # In train-mode BN the batch statistics do not depend on the order, so un-permuting

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import REPO
-from utils.digits import make_digits
 
 SCRIPTS = {"MU": os.path.join(REPO, "train", "main.py"), "MB": os.path.join(REPO, "train_MB", "main.py")}
 FAST = ["--no-pretrained", "--img-size", "16", "--dim", "16", "--num_workers", "0", "--device", "cpu"]
@@ -69,13 +68,6 @@ def test_end_to_end_digits(variant, digits_root, tmp_path):
     assert results["best_epoch"] == scores.index(max(scores))
     best = torch.load(run_dir / "checkpoint_best.pth", weights_only=True)
     assert best["config"]["variant"] == variant and best["epoch"] == results["best_epoch"] + 1
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    make_digits(str(root), size=16, per_class=12)
-    return str(root)
 
 
 def tensors_of(path):

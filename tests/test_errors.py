@@ -241,3 +241,12 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     final = torch.load(last, weights_only=True)
     assert final["epoch"] == 3 and (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_run_folder_with_a_checkpoint_is_never_overwritten(mb, tiny, tmp_path, capsys):
+    argv = ["--data", tiny, "--dataset", "digits", "--out", str(tmp_path), "--name", "taken", "--epochs", "1", *FAST]
+    assert run_inproc(mb, argv, capsys)[0] == 0
+    last = tmp_path / "taken" / "checkpoint_last.pth"
+    before = last.read_bytes()
+    assert_one_line_error(*run_inproc(mb, argv, capsys), "already holds a checkpoint", "--resume")
+    assert last.read_bytes() == before

@@ -83,7 +83,7 @@ def main():
     print(f"{'torch retrieval_metrics':>28} {t_ours:9.2f}" + (f"   (best of {len(times)})" if len(times) > 1 else ""))
     print(f"{'numpy reference (scaled)':>28} {t_ref:9.2f}   (timed on {n_ref} queries, x{args.queries / n_ref:g})")
     print(f"{'speed-up':>28} {t_ref / t_ours:9.1f}x")
-    print(f"\nfull-size torch values: " + ", ".join(f"{k} {v:.4f}" for k, v in ours.items() if isinstance(v, float)))
+    print("\nfull-size torch values: " + ", ".join(f"{k} {v:.4f}" for k, v in ours.items() if isinstance(v, float)))
     sys.exit(0 if ok else 1)
 
 

@@ -17,7 +17,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from utils.engine import Trainer, build_parser, check_args, select_device  # noqa: E402
+from utils.engine import Trainer, check_args, select_device  # noqa: E402
 
 
 def load_variant(folder):

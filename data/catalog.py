@@ -69,6 +69,7 @@ DATASETS = {
         "title": "EuroSAT (13-band multispectral)",
         "name": "EuroSAT_MS",
         "ext": "tif",
+        "bands": 13,
         "classes": dict(EUROSAT_COUNTS),
         "size": (64, 64),
     },

@@ -30,14 +30,14 @@ OS_CLUTTER = {"thumbs.db", "desktop.ini"}
 CHECKABLE = ["aid", "nwpu", "ucmerced", "eurosat"]  # EuroSAT MS: Pillow cannot open 13-band TIFFs
 
 
-def training_flags(folder, ext):
+def training_flags(folder, ext, bands=3):
     root, name = os.path.split(os.path.abspath(folder))
-    return f"--data {root} --dataset {name} --imgEXT {ext}"
+    return f"--data {root} --dataset {name} --imgEXT {ext}" + (f" --bands {bands}" if bands != 3 else "")
 
 
-def print_where(folder, ext):
+def print_where(folder, ext, bands=3):
     print(f"dataset: {os.path.abspath(folder)}")
-    print(f"train with: python train/main.py {training_flags(folder, ext)}   (or train_MB/main.py)")
+    print(f"train with: python train/main.py {training_flags(folder, ext, bands)}   (or train_MB/main.py)")
 
 
 # ---------------------------------------------------------------------------
@@ -170,17 +170,17 @@ def cmd_download(args):
     if args.remove_archive and os.path.exists(archive):
         os.remove(archive)
         print(f"removed {archive}")
-    _warn_if_unreadable(target)
-    print_where(target, spec["ext"])
+    _warn_if_unreadable(target, spec.get("bands", 3))
+    print_where(target, spec["ext"], spec.get("bands", 3))
 
 
-def _warn_if_unreadable(folder):
-    """EuroSAT MS is 13-band GeoTIFF; say so if the training's image reader cannot open it."""
-    from utils.data import read_rgb
+def _warn_if_unreadable(folder, bands):
+    """Say so if the training's image reader cannot open the files (a release that changed format)."""
+    from utils.data import read_image
     for dirpath, _, files in os.walk(folder):
         if files:
             try:
-                read_rgb(os.path.join(dirpath, sorted(files)[0]))
+                read_image(os.path.join(dirpath, sorted(files)[0]), bands)
             except UserError as err:
                 print(f"note: the training's image reader (utils/data.py) cannot open these files: {err}")
             return

@@ -3,7 +3,6 @@ import os
 import random
 
 import pytest
-import torch
 from PIL import Image
 
 from utils.data import SceneDataset, eval_transform, split_files

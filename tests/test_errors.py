@@ -34,14 +34,16 @@ def mb():
 
 
 def run_inproc(module, argv, capsys):
-    """Run a script's main in this process; returns (exit status, stderr)."""
+    """Run a script's main in this process; returns (exit status, stderr); stdout is kept in run_inproc.out."""
     variant = getattr(module, "MemoryBankVariant", None) or module.MemoryUnitVariant
     from utils.engine import run
     try:
         status = run(variant, module.parser(), argv)
     except SystemExit as stop:
         status = stop.code
-    return status, capsys.readouterr().err
+    captured = capsys.readouterr()
+    run_inproc.out = captured.out
+    return status, captured.err
 
 
 def assert_one_line_error(status, err, *fragments):
@@ -119,7 +121,7 @@ def test_unreadable_image_is_named_and_can_be_skipped(mb, tmp_path, capsys):
     assert "0.png" in err
     status, _ = run_inproc(mb, argv + ["--name", "lenient", "--skip-bad-images"], capsys)
     assert status == 0
-    out = capsys.readouterr()
+    assert "skipped 2 unreadable image(s)" in run_inproc.out
     assert (tmp_path / "lenient" / "results.json").exists()
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from utils.data import SceneDataset, band_statistics, eval_transform, read_multiband, read_rgb
+from utils.data import SceneDataset, band_statistics, read_multiband, read_rgb
 from utils.errors import UserError
 from utils.models import HashingNet
 

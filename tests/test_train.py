@@ -124,3 +124,35 @@ def test_amp_and_cached_pipeline_on_the_cpu(variant, tiny_root, tmp_path):
     assert memory.dtype == torch.float32
     assert torch.allclose(memory.norm(dim=1), torch.ones(len(memory)), atol=1e-3)  # every row written, unit norm
     assert ckpt["args"]["amp"] and ckpt["args"]["pipeline"] == "cached"
+
+
+def test_epoch_batches_cover_every_sample_once_and_never_leave_a_rank_one_sample():
+    from utils.engine import EpochBatches
+
+    def epoch(n, b, world=1, min_per_rank=1, seed=3):
+        per_rank = []
+        for rank in range(world):
+            sampler = EpochBatches(n, b, True, seed, rank, world, min_per_rank)
+            sampler.set_epoch(5)
+            per_rank.append(list(sampler))
+        return per_rank
+
+    [single] = epoch(10, 4)
+    assert [len(x) for x in single] == [4, 4, 2]  # the last partial batch is kept
+    assert sorted(i for x in single for i in x) == list(range(10))
+    [merged] = epoch(9, 4, min_per_rank=2)
+    assert [len(x) for x in merged] == [4, 5]  # a last batch of one joins the one before
+    ranks = epoch(9, 4, world=2)
+    assert [[len(x) for x in r] for r in ranks] == [[2, 3], [2, 2]]
+    # Two ranks see the global batches a single process sees with the same seed.
+    [alone] = epoch(9, 4, min_per_rank=2)
+    assert [sorted(a + b) for a, b in zip(*ranks)] == [sorted(x) for x in alone]
+    assert epoch(10, 4)[0] != epoch(10, 4, seed=4)[0]
+
+
+def test_a_last_batch_of_one_sample_at_small_images(tiny_root, tmp_path):
+    """80 training images in batches of 79: the last one would hold one sample, which BatchNorm
+    (1x1 feature maps at 16x16 input) cannot train on; it joins the previous batch."""
+    run_script("MU", "--data", tiny_root, "--dataset", "digits", "-b", "79", "--lr", "0.01", "--epochs", "1",
+               "--out", str(tmp_path), "--name", "one", *FAST)
+    assert (tmp_path / "one" / "results.json").exists()

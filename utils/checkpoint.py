@@ -15,8 +15,8 @@ import torch
 from .errors import UserError
 
 FORMAT = "cdne-checkpoint"
-# What must match for a checkpoint to continue a run (or to be evaluated against a dataset).
-CONFIG_KEYS = ("variant", "arch", "dim", "num_classes", "in_channels")
+# What must match for a checkpoint to continue a run: the network's shape and the memory's rows.
+CONFIG_KEYS = ("variant", "arch", "dim", "num_classes", "in_channels", "num_samples", "classes")
 
 
 def atomic_save(obj, path):
@@ -65,11 +65,16 @@ def load_checkpoint(path):
 
 def check_config(ckpt_config, config, path):
     """Refuse a checkpoint of another configuration (bits, classes, architecture, variant)."""
-    diffs = [f"{k}={ckpt_config.get(k)!r} (this run: {config.get(k)!r})"
-             for k in CONFIG_KEYS if ckpt_config.get(k) != config.get(k)]
+    diffs = [f"{k}={_short(ckpt_config.get(k))} (this run: {_short(config.get(k))})"
+             for k in CONFIG_KEYS if k in ckpt_config and ckpt_config.get(k) != config.get(k)]
     if diffs:
         raise UserError(f"checkpoint {path} is from another configuration: {', '.join(diffs)}; "
                         "resume it with the same flags or start a new run")
+
+
+def _short(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def rng_state():

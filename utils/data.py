@@ -36,8 +36,7 @@ def split_files(files, split, seed=42):
     """The per-class split: shuffle with Python's random after random.seed(seed), then
     70% train, 10% val, 20% test, boundaries int(0.7 n) and int(0.8 n) in floating point."""
     files = list(files)
-    random.seed(seed)
-    random.shuffle(files)
+    random.Random(seed).shuffle(files)  # = random.seed(seed); random.shuffle(files), without the global side effect
     n = len(files)
     a, b = int(0.7 * n), int(0.8 * n)
     return {"train": files[:a], "val": files[a:b], "test": files[b:]}[split]
@@ -62,14 +61,24 @@ def read_rgb(path):
 
 
 def to_rgb8(img):
-    """Grayscale, palette, RGBA and 16-bit images as 8-bit RGB."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit integer images: scale the full range into 8 bits rather than clipping.
+    """Grayscale, palette, RGBA and 16-bit images as 8-bit RGB.
+
+    16-bit images are scaled from 0..65535 to 0..255 (Pillow's own conversion would clip at
+    255). 32-bit integer images ("I") are read the same way when they hold values above 255,
+    and as 8-bit values otherwise.
+    """
+    if img.mode.startswith("I;16") or img.mode == "I":
         import numpy as np
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        if img.mode != "I" or arr.max() > 255:
+            arr = arr / 65535.0 * 255.0
+        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
     return img.convert("RGB")
+
+
+def read_image(path, bands=3):
+    """An 8-bit RGB Pillow image (bands == 3), else a float C x H x W tensor of the bands."""
+    return read_rgb(path) if bands == 3 else read_multiband(path, bands)
 
 
 class SceneDataset(Dataset):
@@ -105,7 +114,7 @@ class SceneDataset(Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        img = read_rgb(path) if self.bands == 3 else read_multiband(path, self.bands)
+        img = read_image(path, self.bands)
         if self.transform is not None:
             img = self.transform(img)
         return {"img": img, "label": label, "idx": i}
@@ -140,7 +149,7 @@ def remove_unreadable(datasets):
     bad = set()
     for path in tqdm(paths, desc="checking images", leave=False):
         try:
-            read_rgb(path) if datasets[0].bands == 3 else read_multiband(path, datasets[0].bands)
+            read_image(path, datasets[0].bands)
         except UserError:
             bad.add(path)
     for ds in datasets:

@@ -5,10 +5,10 @@ A script supplies a `Variant`: the memory, what fills it, and any per-step extra
 epoch loop, evaluation, checkpoints, TensorBoard, distributed training — lives here once.
 """
 import argparse
+import copy
 import json
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 
@@ -133,7 +133,6 @@ class Variant:
     """What differs between CDNE(MU) and CDNE(MB). Subclasses set `self.memory`."""
 
     name = "?"
-    cdne_weight_flag = "lambda_"
 
     def __init__(self, args, model, num_samples):
         self.args = args
@@ -162,13 +161,18 @@ class EpochBatches:
     global batches of B (the last partial one kept), each split across the ranks.
 
     The same seed gives the same global batches whatever the number of processes,
-    and a run resumed mid-epoch can skip the batches it has done.
+    and a run resumed mid-epoch can skip the batches it has done. A last batch that
+    would leave a rank fewer than `min_per_rank` samples joins the one before it:
+    BatchNorm in training mode cannot take one sample when its feature maps are 1x1.
     """
 
-    def __init__(self, n, batch_size, shuffle, seed=0, rank=0, world_size=1):
+    def __init__(self, n, batch_size, shuffle, seed=0, rank=0, world_size=1, min_per_rank=1):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
+        self.bounds = list(range(0, n, batch_size)) + [n]
+        if len(self.bounds) > 2 and n - self.bounds[-2] < min_per_rank * world_size:
+            del self.bounds[-2]
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -180,17 +184,13 @@ class EpochBatches:
         return torch.randperm(self.n, generator=g)
 
     def __len__(self):
-        return max(0, -(-self.n // self.batch_size) - self.start)
+        return max(0, len(self.bounds) - 1 - self.start)
 
     def __iter__(self):
         order = self.order()
-        for b in range(self.start, -(-self.n // self.batch_size)):
-            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if self.world_size > 1:
-                if len(batch) < self.world_size:  # every rank needs a sample; borrow from the epoch's start
-                    batch = torch.cat([batch, order[:self.world_size - len(batch)]])
-                batch = batch.tensor_split(self.world_size)[self.rank]
-            yield batch.tolist()
+        for b in range(self.start, len(self.bounds) - 1):
+            batch = order[self.bounds[b]:self.bounds[b + 1]]
+            yield batch.tensor_split(self.world_size)[self.rank].tolist()
 
 
 def _loader(dataset, batches, args, epoch=0):
@@ -211,9 +211,13 @@ class Data:
             dist.barrier()
         S, ext, bands = args.img_size, args.imgEXT, args.bands
         self.args = args
-        self.train, self.db, self.val, self.test = (SceneDataset(args.data, args.dataset, split, ext, bands=bands)
-                                                    for split in ("train", "train", "val", "test"))
+        self.train, self.val, self.test = (SceneDataset(args.data, args.dataset, split, ext, bands=bands)
+                                           for split in ("train", "val", "test"))
+        self.db = copy.copy(self.train)  # the same samples as the database, with the eval transform
         self.classes = self.train.classes
+        if len(self.val) == 0 and dist.is_main():
+            print("warning: the val split is empty (classes of fewer than 10 images); the best epoch "
+                  "cannot be chosen and stays the first evaluated one")
         if args.skip_bad_images:
             bad = remove_unreadable([self.train, self.db, self.val, self.test])
             if dist.is_main():
@@ -232,7 +236,9 @@ class Data:
         for ds in (self.db, self.val, self.test):
             ds.transform = eval_tf
         rank, world = dist.rank(), dist.world_size()
-        self.train_batches = EpochBatches(len(self.train), args.batch_size, True, args.seed, rank, world)
+        # ResNet's last feature maps are 1x1 below 64x64 input: BatchNorm then needs 2 samples.
+        self.train_batches = EpochBatches(len(self.train), args.batch_size, True, args.seed, rank, world,
+                                          min_per_rank=2 if args.img_size < 64 else 1)
         self.cache = {}
         if args.pipeline == "cached":
             from .fast_data import CachedImages
@@ -284,10 +290,14 @@ def evaluate(model, data, split, args, amp_ctx, return_codes=False):
     db_codes = encode(model, data.eval_loader("train"), len(data.db), dim, device, amp_ctx, "encode database")
     q = getattr(data, split)
     q_codes = encode(model, data.eval_loader(split), len(q), dim, device, amp_ctx, f"encode {split}")
-    topk = tuple(sorted({20, 100, args.topk}))
-    metrics = retrieval_metrics(q_codes, q.labels.to(device), db_codes, data.db.labels.to(device), topk=topk,
-                                with_pr=True)
+    metrics = score(q_codes, q.labels.to(device), db_codes, data.db.labels.to(device), args.topk)
     return (metrics, q_codes, db_codes) if return_codes else metrics
+
+
+def score(q_codes, q_labels, db_codes, db_labels, topk):
+    """Every metric, mAP@R and P@K for R, K in 20, 100 and --topk, and the PR curve."""
+    return retrieval_metrics(q_codes, q_labels, db_codes, db_labels, topk=tuple(sorted({20, 100, topk})),
+                             with_pr=True)
 
 
 def log_test_pictures(writer, data, metrics, q_codes, db_codes, bands, step, n_queries=8, k=10):
@@ -358,6 +368,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.config = {"variant": variant_cls.name, "arch": args.model, "dim": args.dim,
                        "num_classes": num_classes, "in_channels": args.bands, "dataset": args.dataset,
+                       "num_samples": n_train,
                        "img_size": args.img_size, "classes": self.data.classes}
         if getattr(self.data, "band_stats", None):
             self.config["band_mean"], self.config["band_std"] = self.data.band_stats
@@ -377,6 +388,17 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def _run_dir(self):
+        """The run folder, chosen and checked on rank 0; every rank gets the same folder or the same error."""
+        answer = [self._make_run_dir() if dist.is_main() else None]
+        if dist.is_distributed():
+            torch.distributed.broadcast_object_list(answer, src=0)
+        run_dir, error = answer[0]
+        if error:
+            raise UserError(error)
+        return run_dir
+
+    def _make_run_dir(self):
+        """(run folder, None), or (None, the problem) without raising."""
         args = self.args
         if args.resume:
             run_dir = os.path.dirname(os.path.abspath(args.resume))
@@ -385,19 +407,17 @@ class Trainer:
                                  + time.strftime("%Y%m%d-%H%M%S"))
             run_dir = os.path.join(args.out, name)
             if os.path.exists(os.path.join(run_dir, "checkpoint_last.pth")):
-                raise UserError(f"run folder {run_dir} already holds a checkpoint; continue it with --resume "
-                                f"{os.path.join(run_dir, 'checkpoint_last.pth')} or choose another --name")
-        if dist.is_main():
-            try:
-                os.makedirs(run_dir, exist_ok=True)
-                probe = os.path.join(run_dir, ".write-test")
-                with open(probe, "w") as fh:
-                    fh.write("ok")
-                os.remove(probe)
-            except OSError as err:
-                raise UserError(f"cannot write to the run folder {run_dir} ({err.strerror}); "
-                                "pass a writable --out") from None
-        return run_dir
+                return None, (f"run folder {run_dir} already holds a checkpoint; continue it with --resume "
+                              f"{os.path.join(run_dir, 'checkpoint_last.pth')} or choose another --name")
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            probe = os.path.join(run_dir, ".write-test")
+            with open(probe, "w") as fh:
+                fh.write("ok")
+            os.remove(probe)
+        except OSError as err:
+            return None, f"cannot write to the run folder {run_dir} ({err.strerror}); pass a writable --out"
+        return run_dir, None
 
     def _resume(self, ckpt, path):
         ckpt_io.check_config(ckpt["config"], self.config, path)
@@ -405,7 +425,8 @@ class Trainer:
         self.variant.load_state_dict(ckpt["variant"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] and self.scaler.is_enabled():  # empty when the run had no float16 scaling
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch = ckpt["epoch"], ckpt["step"]
         self.epoch_sums = ckpt["epoch_sums"]
         self.best = ckpt["best"]
@@ -468,8 +489,14 @@ class Trainer:
         losses["total"] = self.args.lambda_ * losses["cdne"] + losses["ce"] + losses["quant"]
         with self.amp_ctx():
             keys = self.variant.keys(img)
+        total = losses["total"]
+        if dist.is_distributed():
+            # DDP averages the ranks' gradients; weight each rank by its share of the global
+            # batch so that the result is the mean over the whole batch, even when uneven.
+            n_all = dist.all_reduce_sum(torch.tensor([float(len(idx))], device=self.device))
+            total = total * (len(idx) * dist.world_size() / n_all[0])
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["total"]).backward()
+        self.scaler.scale(total).backward()
         # Every rank applies the same update from the whole global batch, so memories stay identical.
         idx_all = dist.all_gather(idx)
         x_all = keys.float() if keys is not None else dist.all_gather(e.detach())
@@ -515,10 +542,8 @@ class Trainer:
     # -- the whole run
     def fit(self):
         args = self.args
-        main = dist.is_main()
         writer = None
-        score_key = f"mAP@{args.topk}"
-        if main:
+        if dist.is_main():
             from tensorboardX import SummaryWriter
             writer = SummaryWriter(os.path.join(self.run_dir, "tensorboard"))
             with open(os.path.join(self.run_dir, "args.json"), "w") as fh:
@@ -540,36 +565,45 @@ class Trainer:
                 self.epoch, self.step_in_epoch, self.epoch_sums = epoch + 1, 0, {}
                 improved = False
                 if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                    metrics = evaluate(self.model, self.data, "val", args, self.amp_ctx)
-                    if main:
-                        for k, v in metrics.items():
-                            if isinstance(v, float):
-                                writer.add_scalar(f"val/{tb_tag(k)}", v, epoch)
-                        print(f"epoch {epoch + 1}: val {score_key} {metrics[score_key]:.4f}  "
-                              f"P@20 {metrics['P@20']:.4f}  (training {seconds:.1f} s)")
-                    if metrics[score_key] > self.best["score"]:  # keep the earliest best
-                        self.best = {"score": metrics[score_key], "epoch": epoch, "metrics": metrics}
-                        improved = True
+                    improved = self.validate(writer, epoch, f"  (training {seconds:.1f} s)")
                 self.save(best=improved)
+            if self.best["epoch"] < 0:
+                # Resumed with no more epochs to train before any evaluation: evaluate now.
+                self.save(best=self.validate(writer, self.epoch - 1))
+            results = self.final_test(writer)
         except StopRequested:
             self.save()
-            if main:
+            if dist.is_main():
                 print(f"stopped by {self.stop_signal} at epoch {self.epoch} step {self.step_in_epoch}; "
                       f"continue with --resume {self.ckpt_last}")
-            if writer is not None:
-                writer.close()
             return 128 + (signal.SIGINT if self.stop_signal == "SIGINT" else signal.SIGTERM)
         finally:
             self._restore_signal_handlers(handlers)
-        results = self.final_test(writer)
-        if main:
+            if writer is not None:
+                writer.close()  # also on errors: the events so far are kept
+        if dist.is_main():
             with open(os.path.join(self.run_dir, "results.json"), "w") as fh:
                 json.dump(results, fh, indent=2)
-            writer.close()
-            print(f"best epoch {results['best_epoch'] + 1}: val {score_key} {results['val'][score_key]:.4f}; "
-                  f"test {score_key} {results['test'][score_key]:.4f}  P@20 {results['test']['P@20']:.4f}\n"
+            key = f"mAP@{args.topk}"
+            print(f"best epoch {results['best_epoch'] + 1}: val {key} {results['val'][key]:.4f}; "
+                  f"test {key} {results['test'][key]:.4f}  P@20 {results['test']['P@20']:.4f}\n"
                   f"results written to {os.path.join(self.run_dir, 'results.json')}")
         return 0
+
+    def validate(self, writer, epoch, note=""):
+        """Val metrics of the network as it is now; True when they beat the best so far
+        (the earliest best is kept)."""
+        key = f"mAP@{self.args.topk}"
+        metrics = evaluate(self.model, self.data, "val", self.args, self.amp_ctx)
+        if writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, float):
+                    writer.add_scalar(f"val/{tb_tag(k)}", v, epoch)
+            print(f"epoch {epoch + 1}: val {key} {metrics[key]:.4f}  P@20 {metrics['P@20']:.4f}{note}")
+        if metrics[key] > self.best["score"]:
+            self.best = {"score": metrics[key], "epoch": epoch, "metrics": metrics}
+            return True
+        return False
 
     def final_test(self, writer=None):
         """Test-split metrics of the best checkpoint (database = train split), and pictures."""

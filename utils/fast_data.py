@@ -13,7 +13,7 @@ with every random choice drawn per image, as the per-image transforms draw them.
 The colour ops are torchvision's tensor formulas with one factor per image; on
 identical factors they equal torchvision.transforms.functional on each image (to
 float rounding). That float path runs on GPUs. On the CPU the ops instead use Pillow's 8-bit
-arithmetic on uint8 tensors (apply_augmentation_u8_), so for the same random choices the outputs
+arithmetic (_augment_cpu, one image at a time), so for the same random choices the outputs
 equal train_transform's (which applies them to Pillow images, rounding to 8 bits after each op);
 CachedBatches(num_workers=N) runs that in N worker processes.
 """
@@ -264,13 +264,6 @@ def luma_u8(x32):
     return (r * 19595).add_(g, alpha=38470).add_(b, alpha=7471).add_(32768).bitwise_right_shift_(16)
 
 
-def blend_lut(base, factor):
-    """Image.blend(constant base, img, factor) as a 256-entry uint8 table over img's values."""
-    v = torch.arange(256, dtype=torch.float32)
-    return (v - float(base)).mul_(torch.tensor(factor, dtype=torch.float32)).add_(float(base)) \
-        .clamp_(0, 255).to(torch.uint8)
-
-
 def _f32(factor):
     # The factor as Pillow's blend sees it (a C float), as a Python float: products with 8-bit
     # integers are then exact in double, so float32 results do not depend on how torch casts it.
@@ -420,19 +413,6 @@ def _augment_image(src, gray_flag, order, factors, flip, out):
     return out
 
 
-def apply_augmentation_u8_(x, params):
-    """Sampled choices applied to uint8 B x 3 x H x W (CPU, contiguous), in place, with Pillow's
-    8-bit arithmetic (what train_transform computes), except the flip, which the caller applies."""
-    gray, order, factors = params["grayscale"].tolist(), params["order"].tolist(), params["factors"].tolist()
-    for i in range(len(x)):
-        img = x[i]
-        if gray[i]:
-            grayscale_u8_(img)
-        for op_id in order[i]:
-            JITTER_OPS_U8[op_id](img, factors[i][op_id])
-    return x
-
-
 _SCALE = torch.tensor([1 / (255 * s) for s in IMAGENET_STD]).view(3, 1, 1)
 _SHIFT = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
 _SCALE_LIST, _SHIFT_LIST = _SCALE.view(-1).tolist(), _SHIFT.view(-1).tolist()
@@ -495,7 +475,7 @@ class CachedBatches:
     afresh on every pass, so a sampler gives a new order each epoch). Images are gathered where
     the cache lives, moved to `device` as uint8 and augmented (augment=True) or only normalised there.
     With augment=True on the CPU (cache and device), the colour ops use Pillow's 8-bit arithmetic
-    (see apply_augmentation_u8_) and, with num_workers > 0, whole batches are augmented in that many
+    (see _augment_cpu) and, with num_workers > 0, whole batches are augmented in that many
     DataLoader worker processes (one thread each), ahead of the consumer; the random choices are
     still drawn in this process from `generator`, so the batches equal those of num_workers=0.
     """

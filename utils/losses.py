@@ -1,5 +1,4 @@
 """CDNE loss (class-discriminated neighbourhood embedding) and quantisation loss (SPEC section 4)."""
-import math
 
 import torch
 import torch.nn as nn

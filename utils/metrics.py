@@ -61,6 +61,14 @@ _CHUNK_BYTES = 256 << 20   # working memory of the chunks in flight, about (the 
 _M1, _M2, _M4, _H01 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101
 
 
+def _float32_matmul_is_exact():
+    """False where float32 matmuls may use TF32/bf16 (or the setting cannot be read)."""
+    try:
+        return torch.get_float32_matmul_precision() == "highest"
+    except RuntimeError:  # newer torch, when the per-backend fp32_precision API was used
+        return False
+
+
 def binarize(codes):
     """+-1 float32 codes: +1 where the value is > 0, else -1 (SPEC section 2)."""
     codes = torch.as_tensor(codes)
@@ -200,7 +208,7 @@ class _Stats:
         # float32 matmuls may drop precision: TF32/bf16), and the 2^23 offset puts the key in
         # the low 23 bits of the float's bit pattern: an in-place mask turns it into int32.
         # Otherwise (huge databases) keys come from a float64 matmul as int64.
-        self.exact32 = self.row + nb < 2 ** 23 and torch.get_float32_matmul_precision() == "highest"
+        self.exact32 = self.row + nb < 2 ** 23 and _float32_matmul_is_exact()
         kd = torch.float32 if self.exact32 else torch.float64
         offset = 2 ** 23 if self.exact32 else 0
         self.ad_t = torch.cat([bd.to(kd), (offset + L * nb // 2 + 1 + j // block)[:, None].to(kd)], 1).t().contiguous()

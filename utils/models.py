@@ -96,7 +96,3 @@ class HashingNet(nn.Module):
         e = F.normalize(f.float(), dim=1)  # unit norm in float32, also under autocast
         return f, e, self.fc2(f)
 
-
-def hash_codes(f):
-    """+-1 codes: +1 where f > 0, else -1 (so f = 0 gives -1)."""
-    return torch.where(f > 0, 1.0, -1.0)

@@ -18,10 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt_io
-from .data import (SceneDataset, eval_transform, multiband_eval_transform, read_multiband, read_rgb)
-from .engine import DATASET_EXTENSIONS, REPO_ROOT, encode, select_device
+from .data import SceneDataset, eval_transform, multiband_eval_transform, read_image, remove_unreadable
+from .engine import DATASET_EXTENSIONS, REPO_ROOT, encode, score, select_device
 from .errors import UserError, exit_on_user_error
-from .metrics import retrieval_metrics
 from .models import HashingNet
 from .search import hamming_topk
 from .visualize import retrieval_grid
@@ -43,7 +42,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i):
         path = self.paths[i]
-        img = read_rgb(path) if self.bands == 3 else read_multiband(path, self.bands)
+        img = read_image(path, self.bands)
         label = int(self.labels[i]) if self.labels is not None else -1
         return {"img": self.transform(img), "label": label, "idx": i}
 
@@ -84,6 +83,10 @@ def list_folder(folder):
 def split_of(args, config):
     ext = args.imgEXT or DATASET_EXTENSIONS.get(args.dataset, "tif")
     ds = SceneDataset(args.data, args.dataset, args.split, ext, bands=config.get("in_channels", 3))
+    if args.skip_bad_images:
+        bad = remove_unreadable([ds])
+        if bad:
+            print(f"skipped {len(bad)} unreadable image(s) of the {args.split} split, e.g. {bad[0]}")
     if len(ds.classes) != config["num_classes"]:
         raise UserError(f"{args.dataset} has {len(ds.classes)} classes but the checkpoint was trained on "
                         f"{config['num_classes']}; pass the dataset it was trained on")
@@ -162,9 +165,7 @@ def cmd_evaluate(args, device):
                             args.num_workers)
     q_codes = encode_files(model, config, [p for p, _ in queries.samples], queries.labels, device,
                            args.batch_size, args.num_workers)
-    topk = tuple(sorted({20, 100, args.topk}))
-    metrics = retrieval_metrics(q_codes, queries.labels.to(device), db_codes, db.labels.to(device), topk=topk,
-                                with_pr=True)
+    metrics = score(q_codes, queries.labels.to(device), db_codes, db.labels.to(device), args.topk)
     print(f"{args.dataset} {args.split} queries ({len(queries)}) against the train split ({len(db)}), "
           f"{config['dim']} bits")
     for k, v in metrics.items():
@@ -192,6 +193,7 @@ def build_parser():
         q.add_argument("--data", default=os.path.join(REPO_ROOT, "data"))
         q.add_argument("--dataset", default=None)
         q.add_argument("--imgEXT", default=None)
+        q.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out")
 
     q = sub.add_parser("index", help="encode a split or a folder of images into an index file")
     common(q)

@@ -12,7 +12,8 @@ def thumbnail(path, size, bands=3):
     """An image file as a size x size RGB thumbnail; multispectral files show their first three bands."""
     if bands == 3:
         return read_rgb(path).resize((size, size), Image.BILINEAR)
-    x = read_multiband(path, bands)[:3]
+    # Sentinel-2 band order B01, B02 (blue), B03 (green), B04 (red), ...: show 4-3-2 as RGB.
+    x = read_multiband(path, bands)[[3, 2, 1] if bands >= 4 else [0, 0, 0]]
     lo, hi = x.amin(dim=(1, 2), keepdim=True), x.amax(dim=(1, 2), keepdim=True)
     x = ((x - lo) / (hi - lo).clamp(min=1e-6) * 255).byte().permute(1, 2, 0).numpy()
     return Image.fromarray(np.ascontiguousarray(x)).resize((size, size), Image.BILINEAR)

@@ -108,18 +108,20 @@ def test_fixed_augmentation_equals_torchvision_composition():
     params = fd.sample_augmentation(len(x), torch.Generator().manual_seed(1))
     params["grayscale"][:3] = torch.tensor([True, False, True])
     params["flip"][:3] = torch.tensor([True, True, False])
-    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
-    ref = []
-    for i, img in enumerate(x):
-        if params["grayscale"][i]:
-            img = TF.rgb_to_grayscale(img, num_output_channels=3)
-        for op_id in params["order"][i].tolist():
-            img = ops[op_id](img, float(params["factors"][i, op_id]))
-        if params["flip"][i]:
-            img = TF.hflip(img)
-        ref.append(img)
+    ref = [torchvision_choices(img, params, i) for i, img in enumerate(x)]
     out = fd.apply_augmentation_(x.clone(), params)
     assert torch.allclose(out, torch.stack(ref), rtol=0, atol=5e-6)
+
+
+def torchvision_choices(img, params, i):
+    """Image i's sampled grayscale flag, jitter order and factors, and flip, applied with
+    torchvision's functional ops (to a tensor or a Pillow image)."""
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    if params["grayscale"][i]:
+        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+    for op_id in params["order"][i].tolist():
+        img = ops[op_id](img, float(params["factors"][i, op_id]))
+    return TF.hflip(img) if params["flip"][i] else img
 
 
 # --- the train augmentation end to end -----------------------------------------------------
@@ -127,18 +129,8 @@ def test_fixed_augmentation_equals_torchvision_composition():
 
 def pil_reference(x_uint8, params):
     """train_transform's colour ops, flip, ToTensor and Normalize on Pillow images, for given choices."""
-    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
-    ref = []
-    for i, img in enumerate(x_uint8):
-        img = TF.to_pil_image(img)
-        if params["grayscale"][i]:
-            img = TF.rgb_to_grayscale(img, num_output_channels=3)
-        for op_id in params["order"][i].tolist():
-            img = ops[op_id](img, float(params["factors"][i, op_id]))
-        if params["flip"][i]:
-            img = TF.hflip(img)
-        ref.append(TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD))
-    return torch.stack(ref)
+    return torch.stack([TF.normalize(TF.to_tensor(torchvision_choices(TF.to_pil_image(img), params, i)),
+                                     IMAGENET_MEAN, IMAGENET_STD) for i, img in enumerate(x_uint8)])
 
 
 def uint8_colourful(n=12, size=20, seed=0):

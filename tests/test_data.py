@@ -90,3 +90,13 @@ def test_bad_folders_are_user_errors(tmp_path, counts, message):
 def test_missing_dataset_folder(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         SceneDataset(str(tmp_path), "nowhere", "train")
+
+
+def test_default_extensions_match_the_dataset_catalog():
+    from data.catalog import DATASETS
+    from utils.engine import DATASET_EXTENSIONS, image_extension
+
+    for spec in DATASETS.values():
+        assert DATASET_EXTENSIONS[spec["name"]] == spec["ext"], spec["name"]
+    assert image_extension("digits") == "png" and image_extension("mine") == "tif"
+    assert image_extension("EuroSAT", ".PNG") == "PNG"

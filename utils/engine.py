@@ -30,9 +30,15 @@ from .search import hamming_topk
 from .visualize import bit_balance, retrieval_grid, to_chw
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# File extension of each dataset as prepared by data/prepare.py; others default to tif.
+# File extension of each dataset as prepared by data/prepare.py (data/catalog.py; a test keeps
+# the two in step); others default to tif.
 DATASET_EXTENSIONS = {"digits": "png", "UCMerced": "tif", "EuroSAT": "jpg", "EuroSAT_MS": "tif",
                       "AID": "jpg", "NWPU-RESISC45": "jpg"}
+
+
+def image_extension(dataset, ext=None):
+    """--imgEXT as given (without a leading dot), else the dataset's own, else tif."""
+    return (ext or DATASET_EXTENSIONS.get(dataset, "tif")).lstrip(".")
 
 
 # ----------------------------------------------------------------------------- flags
@@ -93,9 +99,7 @@ def check_args(args):
         raise UserError("--pipeline cached reads RGB images only; use --pipeline pil with --bands")
     if args.no_pretrained and args.weights:
         raise UserError("--no-pretrained and --weights contradict each other; pass one of them")
-    if args.imgEXT is None:
-        args.imgEXT = DATASET_EXTENSIONS.get(args.dataset, "tif")
-    args.imgEXT = args.imgEXT.lstrip(".")
+    args.imgEXT = image_extension(args.dataset, args.imgEXT)
 
 
 def select_device(name):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt_io
 from .data import SceneDataset, eval_transform, multiband_eval_transform, read_image, remove_unreadable
-from .engine import DATASET_EXTENSIONS, REPO_ROOT, encode, score, select_device
+from .engine import REPO_ROOT, encode, image_extension, score, select_device
 from .errors import UserError, exit_on_user_error
 from .models import HashingNet
 from .search import hamming_topk
@@ -81,8 +81,8 @@ def list_folder(folder):
 
 
 def split_of(args, config):
-    ext = args.imgEXT or DATASET_EXTENSIONS.get(args.dataset, "tif")
-    ds = SceneDataset(args.data, args.dataset, args.split, ext, bands=config.get("in_channels", 3))
+    ds = SceneDataset(args.data, args.dataset, args.split, image_extension(args.dataset, args.imgEXT),
+                      bands=config.get("in_channels", 3))
     if args.skip_bad_images:
         bad = remove_unreadable([ds])
         if bad:

@@ -94,7 +94,7 @@ def test_missing_dataset_folder(tmp_path):
 
 def test_default_extensions_match_the_dataset_catalog():
     from data.catalog import DATASETS
-    from utils.engine import DATASET_EXTENSIONS, image_extension
+    from utils.flags import DATASET_EXTENSIONS, image_extension
 
     for spec in DATASETS.values():
         assert DATASET_EXTENSIONS[spec["name"]] == spec["ext"], spec["name"]

@@ -28,9 +28,9 @@ def test_two_processes_keep_identical_memories(variant, digits_root, tmp_path):
     assert proc.stdout.count("results written to") == 1
     ckpt = torch.load(run_dir / "checkpoint_last.pth", weights_only=True)
     # Every rank's memory, fingerprinted at the save: identical on both ranks, and trained.
-    prints = ckpt["memory_fingerprints"]
+    prints = ckpt["fingerprints"]
     assert len(prints) == 2 and prints[0] == prints[1]
-    memory = ckpt["variant"]["memory"]["memory"]
+    memory = ckpt["method"]["memory.memory"]
     assert torch.allclose(memory.norm(dim=1), torch.ones(len(memory)), atol=1e-4)  # every row was written
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
     results = json.loads((run_dir / "results.json").read_text())
@@ -59,4 +59,4 @@ def test_distributed_resume_continues_exactly(tmp_path):
     assert a["epoch"] == b["epoch"] == 2
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k].double(), b["model"][k].double(), rtol=0, atol=1e-6, msg=k)
-    torch.testing.assert_close(a["variant"]["memory"]["memory"], b["variant"]["memory"]["memory"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a["method"]["memory.memory"], b["method"]["memory.memory"], rtol=0, atol=1e-6)

@@ -35,10 +35,10 @@ def mb():
 
 def run_inproc(module, argv, capsys):
     """Run a script's main in this process; returns (exit status, stderr); stdout is kept in run_inproc.out."""
-    variant = getattr(module, "MemoryBankVariant", None) or module.MemoryUnitVariant
-    from utils.engine import run
+    method = getattr(module, "MemoryBankCDNE", None) or module.MemoryUnitCDNE
+    from utils.trainer import run
     try:
-        status = run(variant, module.parser(), argv)
+        status = run(method, "test", argv)
     except SystemExit as stop:
         status = stop.code
     captured = capsys.readouterr()
@@ -205,17 +205,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mb, tiny, tmp_
     assert run_inproc(mb, argv + ["--epochs", "1"], capsys)[0] == 0
     last = tmp_path / "r" / "checkpoint_last.pth"
     good = torch.load(last, weights_only=True)
-    from utils import engine
-    real_step = engine.Trainer.train_step
+    from utils import trainer
+    real_step = trainer.Trainer.train_step
 
     def nan_step(self, batch):
         losses, n = real_step(self, batch)
         losses["total"] = losses["total"] * float("nan")
         return losses, n
 
-    monkeypatch.setattr(engine.Trainer, "train_step", nan_step)
+    monkeypatch.setattr(trainer.Trainer, "train_step", nan_step)
     status, err = run_inproc(mb, argv + ["--epochs", "2", "--resume", str(last)], capsys)
-    assert_one_line_error(status, err, "the loss became nan at epoch 1 step 0", "last good checkpoint")
+    assert_one_line_error(status, err, "the loss became nan at step 0 of epoch 2", "last good checkpoint")
     kept = torch.load(last, weights_only=True)
     assert kept["epoch"] == good["epoch"] == 1
     for k in good["model"]:

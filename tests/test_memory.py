@@ -48,8 +48,8 @@ def memory_unit_variant():
 
     torch.manual_seed(0)
     model = HashingNet("resnet18", num_classes=3, dim=8, pretrained=False)
-    args = type("A", (), {"dim": 8, "temperature": 0.05})()
-    return model, load_script("train").MemoryUnitVariant(args, model, 5)
+    args = type("A", (), {"dim": 8, "temperature": 0.05, "margin": 0.0, "key_momentum": 0.999})()
+    return model, load_script("train").MemoryUnitCDNE(args, model, torch.arange(5) % 3)
 
 
 def test_key_encoder_ema_changes_parameters_only():
@@ -70,8 +70,12 @@ def test_key_encoder_ema_changes_parameters_only():
 
 def test_key_encoder_shuffled_bn_keys_match_unshuffled_order():
     _, variant = memory_unit_variant()
+    from contextlib import nullcontext
+
+    from utils.method import StepBatch
+
     img = torch.randn(6, 3, 32, 32)
-    keys = variant.keys(img)
+    keys = variant.memory_targets(StepBatch(img, None, torch.arange(6), None, None, None, nullcontext))
     # In train-mode BN the batch statistics do not depend on the order, so un-permuting
     # the keys must give the keys of the unshuffled batch.
     ref = variant.key_encoder(img)[1]

@@ -53,7 +53,7 @@ def test_end_to_end_digits(variant, digits_root, tmp_path):
                                            "results.json", "tensorboard"]
     assert str(run_dir) in proc.stdout  # says where the outputs go
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["variant"] == variant and results["best_epoch"] in (0, 1)
+    assert results["variant"] == variant and results["best_epoch"] in (1, 2)
     for split in ("val", "test"):
         assert {"mAP@100", "P@20"} <= set(results[split])
     # 10 balanced classes: chance P@20 is 0.1.
@@ -61,20 +61,19 @@ def test_end_to_end_digits(variant, digits_root, tmp_path):
     tags = event_tags(run_dir / "tensorboard")
     for tag in ("train/loss_cdne", "train/loss_ce", "train/loss_quant", "train/loss_total", "train/lr",
                 "val/mAP_100", "val/P_20", "val/mAP", "val/P_H_le_2"):
-        assert [step for step, _ in tags[tag]] == [0, 1], tag
+        assert [step for step, _ in tags[tag]] == [1, 2], tag  # epochs finished, 1-based
     assert tags["train/lr"][0][1] == pytest.approx(0.01)
     # The best checkpoint is the epoch with the highest val mAP@100 (the earliest on a tie).
     scores = [v for _, v in tags["val/mAP_100"]]
-    assert results["best_epoch"] == scores.index(max(scores))
+    assert results["best_epoch"] == scores.index(max(scores)) + 1
     best = torch.load(run_dir / "checkpoint_best.pth", weights_only=True)
-    assert best["config"]["variant"] == variant and best["epoch"] == results["best_epoch"] + 1
+    assert best["config"]["variant"] == variant and best["epoch"] == results["best_epoch"]
 
 
 def tensors_of(path):
     ckpt = torch.load(path, weights_only=True)
     flat = {f"model.{k}": v for k, v in ckpt["model"].items()}
-    for part, state in ckpt["variant"].items():
-        flat.update({f"{part}.{k}": v for k, v in state.items()})
+    flat.update({f"method.{k}": v for k, v in ckpt["method"].items()})
     return ckpt, flat
 
 
@@ -120,14 +119,14 @@ def test_amp_and_cached_pipeline_on_the_cpu(variant, tiny_root, tmp_path):
         value = tags[tag][0][1]
         assert value == value and 0 < value < 50, (tag, value)
     ckpt = torch.load(tmp_path / "amp" / "checkpoint_last.pth", weights_only=True)
-    memory = ckpt["variant"]["memory"]["memory"]
+    memory = ckpt["method"]["memory.memory"]
     assert memory.dtype == torch.float32
     assert torch.allclose(memory.norm(dim=1), torch.ones(len(memory)), atol=1e-3)  # every row written, unit norm
     assert ckpt["args"]["amp"] and ckpt["args"]["pipeline"] == "cached"
 
 
 def test_epoch_batches_cover_every_sample_once_and_never_leave_a_rank_one_sample():
-    from utils.engine import EpochBatches
+    from utils.splits import EpochBatches
 
     def epoch(n, b, world=1, min_per_rank=1, seed=3):
         per_rank = []

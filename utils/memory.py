@@ -1,4 +1,4 @@
-"""Non-parametric classifiers over the training set (SPEC section 3).
+"""Non-parametric classifiers over the training set (docs/method.md section 3).
 
 Both memories hold one L-dimensional row per training sample. Scores of a
 batch are s = e M^T / T, computed against the memory as it was before this
@@ -20,8 +20,14 @@ class _Memory(nn.Module):
         bound = 1.0 / math.sqrt(dim / 3)
         self.register_buffer("memory", torch.rand(num_samples, dim).mul_(2 * bound).add_(-bound))
 
+    @property
+    def rows(self):
+        """The N x L matrix, one row per training sample (the buffer is named `memory`)."""
+        return self.memory
+
     def forward(self, e, idx=None):
-        """Scores B x N. `idx` is accepted for interface symmetry; the loss uses it."""
+        """Scores B x N. `idx` (the batch's rows) is not needed for the scores; it is accepted
+        so that calls of the form memory(e, idx) keep working."""
         return e.float() @ self.memory.t() / self.temperature
 
     def extra_repr(self):

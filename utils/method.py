@@ -1,0 +1,91 @@
+"""What a training method is, as the trainer sees it.
+
+A method turns one batch's network outputs into named loss terms and owns whatever
+per-step state it keeps (a memory, a key encoder, a buffer of codes). The trainer runs the
+network, asks the method for its terms, back-propagates `terms["total"]`, steps the
+optimiser, logs every term, and calls the method's hooks around the step. It never touches
+the method's state, so adding a method is one file: a `Method` subclass.
+
+Under DistributedDataParallel every rank holds the method's state; `StepBatch.gather`
+gives the whole global batch in the same order on every rank, so a state updated from
+gathered values stays identical on all ranks (the trainer checks this at every
+checkpoint through `fingerprint`).
+"""
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from . import distributed as dist
+
+
+@dataclass
+class StepBatch:
+    """One rank's share of a training step: inputs and network outputs (float32)."""
+
+    img: torch.Tensor      # the (augmented) images, on the training device
+    label: torch.Tensor    # class ids
+    idx: torch.Tensor      # training-set indices (rows of a memory)
+    f: torch.Tensor        # relaxed codes u = FC1(pool(x)); bit k is 1 iff f_k > 0
+    e: torch.Tensor        # f / ||f||
+    logits: torch.Tensor   # FC2(f)
+    autocast: Callable = field(default=None, repr=False)  # context factory of the run's --amp setting
+    _gathered: dict = field(default_factory=dict, repr=False)
+
+    def gather(self, name):
+        """The global batch's `name` ("idx", "label", "e", "f", or any tensor attribute),
+        detached, concatenated over the ranks in rank order; computed once per step."""
+        if name not in self._gathered:
+            self._gathered[name] = dist.all_gather(getattr(self, name).detach())
+        return self._gathered[name]
+
+
+class Method(nn.Module):
+    """Base class of a training method. Subclasses set `name` and implement `losses`.
+
+    Its buffers and sub-modules are saved in checkpoints (state_dict) and moved to the
+    training device with the network; parameters it holds are not trained by the optimiser
+    (a key encoder, say: freeze them).
+    """
+
+    name = "?"  # the run-folder prefix and the checkpoint's "variant"
+
+    def __init__(self, args, model, train_labels):
+        super().__init__()
+        self.args = args
+
+    @staticmethod
+    def add_arguments(parser):
+        """The method's own flags."""
+
+    def start_epoch(self, epoch):
+        """Called before each epoch (0-based)."""
+
+    def losses(self, batch: StepBatch) -> dict:
+        """Named scalar loss terms of this rank's batch, with "total" the one trained on."""
+        raise NotImplementedError
+
+    def after_backward(self, batch: StepBatch):
+        """Update state from the step's batch (before the optimiser step: a memory is
+        written with what the step saw)."""
+
+    def after_step(self, model):
+        """Called after the optimiser step with the raw (unwrapped) network."""
+
+    def synced_buffers(self):
+        """The state that must be identical on every rank (memories, code buffers); the
+        trainer compares its fingerprint across ranks at every checkpoint."""
+        return []
+
+    @torch.no_grad()
+    def fingerprint(self):
+        """A few sums of synced_buffers(): equal on every rank when the ranks agree."""
+        total = [0.0, 0.0, 0.0]
+        for buf in self.synced_buffers():
+            b = buf.double().reshape(len(buf), -1)
+            weights = torch.arange(1, b.shape[0] + 1, device=b.device, dtype=torch.float64)
+            total[0] += b.sum().item()
+            total[1] += b.square().sum().item()
+            total[2] += (weights @ b).sum().item()
+        return total

@@ -1,0 +1,165 @@
+"""The run folder and what a checkpoint holds: everything needed to continue a run exactly
+(network, method state, optimiser, schedule, progress, best score, every rank's RNG states),
+and a fingerprint of the method's shared state from every rank."""
+import argparse
+import os
+import time
+
+import torch
+
+from . import checkpoint as ckpt_io
+from . import distributed as dist
+from .errors import UserError
+
+
+class RunFolder:
+    """<out>/<name>/ with args.json, tensorboard/, checkpoint_last.pth, checkpoint_best.pth
+    and results.json. Chosen and checked on rank 0; every rank gets the same folder or the
+    same error."""
+
+    def __init__(self, args, method_name):
+        answer = [self._make(args, method_name) if dist.is_main() else None]
+        if dist.is_distributed():
+            torch.distributed.broadcast_object_list(answer, src=0)
+        self.path, error = answer[0]
+        if error:
+            raise UserError(error)
+        self.last = os.path.join(self.path, "checkpoint_last.pth")
+        self.best = os.path.join(self.path, "checkpoint_best.pth")
+        self.results = os.path.join(self.path, "results.json")
+        self.tensorboard = os.path.join(self.path, "tensorboard")
+
+    @staticmethod
+    def _make(args, method_name):
+        """(folder, None), or (None, the problem) without raising."""
+        if args.resume:
+            path = os.path.dirname(os.path.abspath(args.resume))
+        else:
+            name = args.name or f"{method_name}_{args.dataset}_{args.model}_{args.dim}bit_" + time.strftime("%Y%m%d-%H%M%S")
+            path = os.path.join(args.out, name)
+            if os.path.exists(os.path.join(path, "checkpoint_last.pth")):
+                return None, (f"run folder {path} already holds a checkpoint; continue it with --resume "
+                              f"{os.path.join(path, 'checkpoint_last.pth')} (or --resume auto) or choose another --name")
+        try:
+            os.makedirs(path, exist_ok=True)
+            probe = os.path.join(path, ".write-test")
+            with open(probe, "w") as fh:
+                fh.write("ok")
+            os.remove(probe)
+        except OSError as err:
+            return None, f"cannot write to the run folder {path} ({err.strerror}); pass a writable --out"
+        return path, None
+
+    def save(self, state, best=False):
+        if dist.is_main():
+            ckpt_io.atomic_save(state, self.last)
+            if best:
+                ckpt_io.atomic_save(state, self.best)
+
+
+def run_config(args, method_name, splits):
+    """What must match for a checkpoint to continue a run or to be used for retrieval."""
+    config = {"variant": method_name, "arch": args.model, "dim": args.dim, "num_classes": len(splits.classes),
+              "in_channels": args.bands, "dataset": args.dataset, "num_samples": len(splits.train),
+              "img_size": args.img_size, "classes": splits.classes}
+    if getattr(splits, "band_stats", None):
+        config["band_mean"], config["band_std"] = splits.band_stats
+    return config
+
+
+def plain_args(args):
+    """The flags as plain data (what args.json and checkpoints record)."""
+    def plain(v):
+        return isinstance(v, (str, int, float, bool, type(None))) or (
+            isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool)) for x in v))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if plain(v)}
+
+
+# Flags that may differ from the checkpoint's when a run is resumed: they change how the run
+# goes on, not what it computes (--data: the same dataset, moved; --out/--name: where to find it).
+RESUME_OVERRIDES = ("epochs", "num_workers", "device", "eval_every", "data", "out", "name", "resume")
+
+
+def given_flags(parser, argv):
+    """The dests of the flags that appear on the command line (not left at their defaults)."""
+    saved = {a.dest: a.default for a in parser._actions}
+    try:
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a in parser._actions:
+            a.default = saved[a.dest]
+
+
+def resume_args(parser, argv, args):
+    """The flags of a resumed run: the checkpoint's, with the safe overrides given on the
+    command line; another value of any other flag is refused. `--resume auto` picks the
+    run folder's checkpoint_last.pth when it exists and starts fresh otherwise.
+    Returns the flags and the loaded checkpoint (None for a fresh start)."""
+    if args.resume == "auto":
+        if not args.name:
+            raise UserError("--resume auto needs --name: the run folder under --out to continue, or to create")
+        last = os.path.join(args.out, args.name, "checkpoint_last.pth")
+        if not os.path.exists(last):
+            args.resume = ""
+            return args, None
+        args.resume = last
+    if not args.resume:
+        return args, None
+    ckpt = ckpt_io.load_checkpoint(args.resume)
+    saved = ckpt.get("args", {})
+    given = given_flags(parser, argv)
+    names = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+
+    def differs(k):
+        value = getattr(args, k)
+        return (value.lstrip(".") if k == "imgEXT" and value else value) != saved[k]
+
+    clashes = [f"{names.get(k, k)} {getattr(args, k)!r} (the run's: {saved[k]!r})" for k in sorted(given)
+               if k not in RESUME_OVERRIDES and k in saved and differs(k)]
+    if clashes:
+        raise UserError(f"checkpoint {args.resume} continues a run with other flags: {', '.join(clashes)}; "
+                        "drop them to resume with the run's own, or start a new run with another --name")
+    merged = {**vars(args), **saved, **{k: getattr(args, k) for k in given if k in RESUME_OVERRIDES}}
+    return argparse.Namespace(**merged), ckpt
+
+
+def training_state(trainer):
+    """The checkpoint of a trainer. Collective in distributed runs: every rank takes part."""
+    # Each rank has its own augmentation RNG: keep them all.
+    per_rank = {"rng": ckpt_io.rng_state(), "fingerprint": trainer.method.fingerprint()}
+    gathered = [per_rank]
+    if dist.is_distributed():
+        gathered = [None] * dist.world_size()
+        torch.distributed.all_gather_object(gathered, per_rank)
+        if any(g["fingerprint"] != gathered[0]["fingerprint"] for g in gathered):
+            raise RuntimeError(f"the method's state differs between ranks: {[g['fingerprint'] for g in gathered]}")
+    return {"format": ckpt_io.FORMAT, "version": 2, "config": trainer.config, "args": plain_args(trainer.args),
+            "epoch": trainer.epoch, "step": trainer.step_in_epoch, "epoch_sums": trainer.epoch_sums,
+            "model": trainer.model.state_dict(), "method": trainer.method.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict(), "best": trainer.best, "rng": [g["rng"] for g in gathered],
+            "fingerprints": [g["fingerprint"] for g in gathered]}
+
+
+def restore(trainer, ckpt, path):
+    """Put a trainer back in the state of checkpoint `ckpt` (read from `path`)."""
+    ckpt_io.check_config(ckpt["config"], trainer.config, path)
+    trainer.model.load_state_dict(ckpt["model"])
+    trainer.method.load_state_dict(method_state(ckpt))
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt["scaler"] and trainer.scaler.is_enabled():  # empty when the run had no float16 scaling
+        trainer.scaler.load_state_dict(ckpt["scaler"])
+    trainer.epoch, trainer.step_in_epoch = ckpt["epoch"], ckpt["step"]
+    trainer.epoch_sums, trainer.best = ckpt["epoch_sums"], ckpt["best"]
+    rng = ckpt["rng"]
+    ckpt_io.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
+
+
+def method_state(ckpt):
+    """The method's state_dict; checkpoints of version 1 nested it per part under "variant"."""
+    if "method" in ckpt:
+        return ckpt["method"]
+    return {f"{part}.{k}": v for part, state in ckpt["variant"].items() for k, v in state.items()}

@@ -1,0 +1,127 @@
+"""The splits of a run and how they are batched: one epoch's order comes from (seed, epoch)."""
+import copy
+import os
+import signal
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import distributed as dist
+from .data import (SceneDataset, band_statistics, eval_transform, multiband_eval_transform,
+                   multiband_train_transform, remove_unreadable, train_transform)
+from .digits import make_digits
+
+
+class EpochBatches:
+    """Index batches of one epoch: a permutation drawn from (seed, epoch), cut into
+    global batches of B (the last partial one kept), each split across the ranks.
+
+    The same seed gives the same global batches whatever the number of processes,
+    and a run resumed mid-epoch can skip the batches it has done. A last batch that
+    would leave a rank fewer than `min_per_rank` samples joins the one before it:
+    BatchNorm in training mode cannot take one sample when its feature maps are 1x1.
+    """
+
+    def __init__(self, n, batch_size, shuffle, seed=0, rank=0, world_size=1, min_per_rank=1):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+        self.bounds = list(range(0, n, batch_size)) + [n]
+        if len(self.bounds) > 2 and n - self.bounds[-2] < min_per_rank * world_size:
+            del self.bounds[-2]
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def order(self):
+        if not self.shuffle:
+            return torch.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __len__(self):
+        return max(0, len(self.bounds) - 1 - self.start)
+
+    def __iter__(self):
+        order = self.order()
+        for b in range(self.start, len(self.bounds) - 1):
+            batch = order[self.bounds[b]:self.bounds[b + 1]]
+            yield batch.tensor_split(self.world_size)[self.rank].tolist()
+
+
+def ignore_stop_signals(_=None):
+    """Loader workers leave SIGINT, SIGTERM and SIGUSR1 to the main process, which stops the
+    run cleanly and then shuts them down (a signal to the process group reaches them too)."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _loader(dataset, batches, args, epoch=0):
+    # Own generator: worker seeds follow from (seed, epoch, rank), and the global RNG is not consumed.
+    g = torch.Generator().manual_seed(args.seed * 7919 + epoch + 1_000_003 * dist.rank())
+    return DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers, generator=g,
+                      pin_memory=args.device_obj.type == "cuda", worker_init_fn=ignore_stop_signals)
+
+
+class Splits:
+    """The train, val and test splits of a run, the database (the train split with the eval
+    transform), their batchers and the chosen input pipeline."""
+
+    def __init__(self, args, band_stats=None):
+        if args.dataset == "digits" and not os.path.isdir(os.path.join(args.data, "digits")):
+            if dist.is_main():
+                print(f"creating the digits demo dataset in {os.path.join(args.data, 'digits')}")
+                make_digits(args.data)
+            dist.barrier()
+        S, ext, bands = args.img_size, args.imgEXT, args.bands
+        self.args = args
+        self.train, self.val, self.test = (SceneDataset(args.data, args.dataset, split, ext, bands=bands)
+                                           for split in ("train", "val", "test"))
+        self.db = copy.copy(self.train)  # the same samples as the database, with the eval transform
+        self.classes = self.train.classes
+        if len(self.val) == 0 and dist.is_main():
+            print("warning: the val split is empty (classes of fewer than 10 images); the best epoch "
+                  "cannot be chosen and stays the first evaluated one")
+        if args.skip_bad_images:
+            bad = remove_unreadable([self.train, self.db, self.val, self.test])
+            if dist.is_main():
+                for path in bad[:20]:
+                    print(f"warning: skipping unreadable image {path}")
+                print(f"skipped {len(bad)} unreadable image(s)" + (" (first 20 listed)" if len(bad) > 20 else ""))
+        self.band_stats = None
+        if bands == 3:
+            train_tf, eval_tf = train_transform(S), eval_transform(S)
+        else:
+            # Per-band statistics from the train split, once; a resumed run keeps its own.
+            self.band_stats = band_stats or band_statistics(self.train)
+            train_tf = multiband_train_transform(S, *self.band_stats)
+            eval_tf = multiband_eval_transform(S, *self.band_stats)
+        self.train.transform = train_tf
+        for ds in (self.db, self.val, self.test):
+            ds.transform = eval_tf
+        rank, world = dist.rank(), dist.world_size()
+        # ResNet's last feature maps are 1x1 below 64x64 input: BatchNorm then needs 2 samples.
+        self.train_batches = EpochBatches(len(self.train), args.batch_size, True, args.seed, rank, world,
+                                          min_per_rank=2 if args.img_size < 64 else 1)
+        self.cache = {}
+        if args.pipeline == "cached":
+            from .fast_data import CachedImages
+            for split in ("train", "val", "test"):
+                ds = getattr(self, split)
+                self.cache[split] = CachedImages(ds, S, num_workers=args.num_workers)
+
+    def train_loader(self, epoch, start=0):
+        self.train_batches.set_epoch(epoch, start)
+        if "train" in self.cache:
+            from .fast_data import CachedBatches
+            return CachedBatches(self.cache["train"], self.train_batches, self.args.device_obj, augment=True,
+                                 num_workers=self.args.num_workers)
+        return _loader(self.train, self.train_batches, self.args, epoch)
+
+    def eval_loader(self, split):
+        ds = {"train": self.db, "val": self.val, "test": self.test}[split]
+        batches = EpochBatches(len(ds), self.args.batch_size, False, 0, dist.rank(), dist.world_size())
+        if split in self.cache:
+            from .fast_data import CachedBatches
+            return CachedBatches(self.cache[split], batches, self.args.device_obj, augment=False)
+        return _loader(ds, batches, self.args)

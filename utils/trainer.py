@@ -1,0 +1,284 @@
+"""The training loop and the step, for any `Method` (utils/method.py).
+
+    network forward -> method.losses -> backward -> method.after_backward
+    -> optimiser step -> method.after_step
+
+The trainer knows nothing of memories or key encoders: a method owns its state.
+"""
+import json
+import os
+import signal
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint as ckpt_io
+from . import distributed as dist
+from .errors import UserError, exit_on_user_error
+from .evaluation import evaluate, log_test_pictures, tb_tag
+from .flags import build_parser, check_args, seed_everything, select_device
+from .method import StepBatch
+from .models import HashingNet
+from .run_state import RunFolder, plain_args, restore, resume_args, run_config, training_state
+from .splits import Splits
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequested(Exception):
+    pass
+
+
+class Trainer:
+    def __init__(self, args, method_cls, splits=None, resume=None):
+        self.args, self.device = args, args.device_obj
+        if resume is None and args.resume:
+            resume = ckpt_io.load_checkpoint(args.resume)
+        band_stats = (resume["config"]["band_mean"], resume["config"]["band_std"]) \
+            if resume is not None and "band_mean" in resume["config"] else None
+        self.splits = splits if splits is not None else Splits(args, band_stats)
+
+        # Identical initial weights and method state on every rank; DDP also broadcasts rank 0's.
+        seed_everything(args.seed)
+        pretrained = args.weights or (not args.no_pretrained)
+        model = HashingNet(args.model, len(self.splits.classes), args.dim, pretrained, args.bands).to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model  # the network itself: evaluated and saved
+        self.method = method_cls(args, model, self.splits.train.labels.to(self.device)).to(self.device)
+        self.ddp_model = model  # what the step runs: the network, wrapped under torchrun
+        if dist.is_distributed():
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            seed_everything(args.seed + dist.rank())  # different augmentations on each rank
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                         weight_decay=args.weight_decay, nesterov=True)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
+        self.amp_dtype = None
+        if args.amp:
+            bf16 = self.device.type == "cpu" or (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+            self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.config = run_config(args, method_cls.name, self.splits)
+        self.epoch, self.step_in_epoch, self.epoch_sums = 0, 0, {}
+        self.best = {"score": float("-inf"), "epoch": -1, "metrics": None}
+        self.stop_signal = None
+        self.run = RunFolder(args, method_cls.name)
+        if resume is not None:
+            restore(self, resume, args.resume)
+            if dist.is_main():
+                where = f"after epoch {self.epoch}" + (f", at step {self.step_in_epoch} of epoch {self.epoch + 1}"
+                                                       if self.step_in_epoch else "")
+                print(f"resumed from {args.resume} {where}")
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+
+    def save(self, best=False):
+        self.run.save(training_state(self), best)  # collective: every rank takes part
+
+    # -- one step
+    def train_step(self, batch):
+        img = batch["img"].to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            img = img.contiguous(memory_format=torch.channels_last)
+        label = torch.as_tensor(batch["label"], device=self.device)
+        idx = torch.as_tensor(batch["idx"], device=self.device)
+        with self.autocast():
+            f, e, logits = self.ddp_model(img)
+        # Losses in float32 whatever the autocast dtype.
+        step = StepBatch(img, label, idx, f.float(), e.float(), logits.float(), self.autocast)
+        terms = self.method.losses(step)
+        total = terms["total"]
+        if dist.is_distributed():
+            # DDP averages the ranks' gradients; weight each rank by its share of the global
+            # batch so that the result is the mean over the whole batch, even when uneven.
+            n_all = dist.all_reduce_sum(torch.tensor([float(len(idx))], device=self.device))
+            total = total * (len(idx) * dist.world_size() / n_all[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.method.after_backward(step)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step(self.model)
+        return {k: v.detach() for k, v in terms.items()}, len(idx)
+
+    def train_epoch(self, writer):
+        epoch, args = self.epoch, self.args
+        self.method.start_epoch(epoch)
+        self.ddp_model.train()
+        loader = self.splits.train_loader(epoch, self.step_in_epoch)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs} train", disable=not dist.is_main())
+        for batch in bar:
+            terms, n = self.train_step(batch)
+            if not torch.isfinite(terms["total"]):
+                kept = (f"the last good checkpoint is kept at {self.run.last}" if os.path.exists(self.run.last)
+                        else "no checkpoint had been written yet")
+                raise UserError(f"the loss became {terms['total'].item()} at step {self.step_in_epoch} of epoch "
+                                f"{epoch + 1}; {kept}; lower --lr (or drop --amp) and resume or restart")
+            for k, v in terms.items():
+                self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v.item() * n
+            self.epoch_sums["n"] = self.epoch_sums.get("n", 0) + n
+            self.step_in_epoch += 1
+            bar.set_postfix(loss=f"{terms['total'].item():.3f}")
+            if self._stop_now():
+                raise StopRequested
+        # Means over all ranks' samples for the log.
+        names = sorted(k for k in self.epoch_sums if k != "n")
+        sums = torch.tensor([self.epoch_sums[k] for k in names] + [self.epoch_sums.get("n", 0)],
+                            dtype=torch.float64, device=self.device)
+        sums = dist.all_reduce_sum(sums)
+        if writer is not None:
+            for k, v in zip(names, sums[:-1] / sums[-1].clamp(min=1)):
+                writer.add_scalar(f"train/loss_{k}", v.item(), epoch + 1)
+            writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], epoch + 1)
+
+    def _stop_now(self):
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
+        return dist.all_reduce_sum(flag).item() > 0 if dist.is_distributed() else bool(self.stop_signal)
+
+    # -- the whole run
+    def fit(self):
+        args = self.args
+        writer = None
+        if dist.is_main():
+            from tensorboardX import SummaryWriter
+            writer = SummaryWriter(self.run.tensorboard)
+            with open(os.path.join(self.run.path, "args.json"), "w") as fh:
+                json.dump(plain_args(args), fh, indent=2)
+            print(f"run folder:   {self.run.path}\n"
+                  f"  tensorboard: tensorboard --logdir {self.run.tensorboard}\n"
+                  f"  checkpoints: {self.run.last}, {self.run.best}\n"
+                  f"  results:     {self.run.results}")
+        handlers = self._install_signal_handlers()
+        try:
+            while self.epoch < args.epochs:
+                started = time.perf_counter()
+                self.train_epoch(writer)
+                seconds = time.perf_counter() - started
+                self.scheduler.step()
+                self.epoch, self.step_in_epoch, self.epoch_sums = self.epoch + 1, 0, {}
+                if writer is not None:
+                    writer.add_scalar("train/epoch_seconds", seconds, self.epoch)
+                improved = False
+                if self.epoch % args.eval_every == 0 or self.epoch == args.epochs:
+                    improved = self.validate(writer, f"  (training {seconds:.1f} s)")
+                self.save(best=improved)
+            if self.best["epoch"] < 0:
+                # Resumed with no more epochs to train before any evaluation: evaluate now.
+                self.save(best=self.validate(writer))
+            results = self.final_test(writer)
+        except StopRequested:
+            self.save()
+            if dist.is_main():
+                print(f"stopped by {self.stop_signal} at step {self.step_in_epoch} of epoch {self.epoch + 1} "
+                      f"({self.epoch} finished); continue with --resume {self.run.last}")
+            return 128 + signal.Signals[self.stop_signal]
+        finally:
+            self._restore_signal_handlers(handlers)
+            if writer is not None:
+                writer.close()  # also on errors: the events so far are kept
+        if dist.is_main():
+            with open(self.run.results, "w") as fh:
+                json.dump(results, fh, indent=2)
+            key = f"mAP@{args.topk}"
+            print(f"best epoch {results['best_epoch']}: val {key} {results['val'][key]:.4f}; "
+                  f"test {key} {results['test'][key]:.4f}  P@20 {results['test']['P@20']:.4f}\n"
+                  f"results written to {self.run.results}")
+        return 0
+
+    def validate(self, writer, note=""):
+        """Val metrics of the network after self.epoch epochs; True when they beat the best so
+        far (the earliest best is kept)."""
+        epoch = self.epoch
+        key = f"mAP@{self.args.topk}"
+        metrics = evaluate(self.model, self.splits, "val", self.args, self.autocast)
+        if writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, float):
+                    writer.add_scalar(f"val/{tb_tag(k)}", v, epoch)
+            print(f"epoch {epoch}: val {key} {metrics[key]:.4f}  P@20 {metrics['P@20']:.4f}{note}")
+        if metrics[key] > self.best["score"]:
+            self.best = {"score": metrics[key], "epoch": epoch, "metrics": metrics}
+            return True
+        return False
+
+    def final_test(self, writer=None):
+        """Test-split metrics of the best checkpoint (database = train split), and pictures."""
+        best = ckpt_io.load_checkpoint(self.run.best) if dist.is_main() else None
+        if dist.is_distributed():
+            holder = [best["model"] if best else None]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            self.model.load_state_dict(holder[0])
+            best_info = self.best
+        else:
+            self.model.load_state_dict(best["model"])
+            best_info = best["best"]
+        test, q_codes, db_codes = evaluate(self.model, self.splits, "test", self.args, self.autocast,
+                                           return_codes=True)
+        if writer is not None:
+            for k, v in test.items():
+                if isinstance(v, float):
+                    writer.add_scalar(f"test/{tb_tag(k)}", v, best_info["epoch"])
+            log_test_pictures(writer, self.splits, test, q_codes, db_codes, self.args.bands, best_info["epoch"])
+        return {"variant": self.config["variant"], "dataset": self.args.dataset, "run_dir": self.run.path,
+                "best_epoch": best_info["epoch"], "val": best_info["metrics"], "test": test,
+                "args": plain_args(self.args)}
+
+    def _install_signal_handlers(self):
+        """SIGINT (Ctrl-C), SIGTERM (preemption, `timeout`, torchrun passing one on) and SIGUSR1
+        (Slurm's warning before the time limit) stop the run at the end of the current step,
+        on every rank at the same step, with a checkpoint; the exit status is 128 + the signal.
+        Loader workers ignore them (splits.ignore_stop_signals), so a signal to the whole
+        process group does not kill them under the running step."""
+        def handler(signum, frame):
+            self.stop_signal = signal.Signals(signum).name  # a second signal changes nothing
+        return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+    @staticmethod
+    def _restore_signal_handlers(handlers):
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def run(method_cls, description, argv=None, script=None, add_flags=None, train=None):
+    """Parse flags, train, evaluate: the body of every training script's main().
+    add_flags(parser) adds a script's own flags; train(method_cls, args) replaces the
+    Trainer for methods that train nothing."""
+
+    @exit_on_user_error
+    def _main():
+        parser = build_parser(description, method_cls, epilog=examples(script or "train_MB/main.py"))
+        if add_flags is not None:
+            add_flags(parser)
+        args, resume = resume_args(parser, argv, parser.parse_args(argv))
+        results = os.path.join(os.path.dirname(os.path.abspath(args.resume or ".")), "results.json")
+        if resume is not None and resume["epoch"] >= args.epochs and os.path.exists(results):
+            # A finished run: nothing to train, and nothing is rewritten.
+            if dist.is_main():
+                print(f"the run in {os.path.dirname(os.path.abspath(args.resume))} has already trained "
+                      f"{resume['epoch']} of {args.epochs} epochs and its results are in {results}; nothing to do "
+                      "(pass a larger --epochs to train on)")
+            return 0
+        check_args(args)
+        args.device_obj = select_device(args.device)
+        dist.init(args.device_obj.type)
+        if args.device_obj.type == "cuda":
+            torch.cuda.set_device(args.device_obj)
+            torch.backends.cudnn.benchmark = True
+        try:
+            if train is not None:
+                return train(method_cls, args)
+            return Trainer(args, method_cls, resume=resume).fit()
+        finally:
+            dist.cleanup()
+
+    return _main()
+
+
+def examples(script):
+    return (f"examples:\n  python {script} --dataset UCMerced --dim 64\n"
+            f"  python {script} --dataset digits --no-pretrained --img-size 32 -b 64 --lr 0.01 --dim 32 --epochs 5")

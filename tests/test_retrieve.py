@@ -1,6 +1,11 @@
-"""The retrieval command end to end on the digits demo, with checkpoints trained here."""
+"""The retrieval command end to end on the digits demo, with checkpoints trained here.
+
+Two short training runs (16 and 8 bits) serve every test; checkpoints with other weights,
+moved run folders and old indexes are made from them by editing copies."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +14,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from utils.digits import make_digits
+from utils import retrieve as retrieve_mod
+from utils.data import SceneDataset
 
 
 def train(root, out, name, dim):
@@ -22,6 +28,7 @@ def train(root, out, name, dim):
 
 
 def retrieve(*args, check=True):
+    """The command as a user runs it: a subprocess (exit status, stdout, stderr)."""
     proc = subprocess.run([sys.executable, "-m", "utils.retrieve", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=300)
     if check:
@@ -29,12 +36,60 @@ def retrieve(*args, check=True):
     return proc
 
 
+def call(capsys, *args):
+    """utils.retrieve.main in this process (faster): (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        code = retrieve_mod.main([*args, "--device", "cpu"])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, *fragments):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def result_lines(stdout):
+    return [line for line in stdout.splitlines() if line.strip()[:1].isdigit()]
+
+
+def parse(line):
+    """A result line: (rank, distance, path, class or None, "relevant"/"irrelevant" or None)."""
+    found = re.fullmatch(r"\s*(\d+)\s+d=\s*(\d+)\s+(\S+)(?:\s+(\S+?))?(?:\s+(relevant|irrelevant))?", line)
+    assert found, line
+    rank, dist, path, cls, mark = found.groups()
+    return int(rank), int(dist), path, cls, mark
+
+
+def edited_copy(src, dst, edit):
+    obj = torch.load(src, weights_only=True)
+    edit(obj)
+    torch.save(obj, dst)
+    return str(dst)
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("data"))
-    make_digits(root, size=16, per_class=12)
+def trained(tiny_root, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs"))
-    return root, train(root, out, "a", 16), train(root, out, "b", 8)
+    return tiny_root, train(tiny_root, out, "a", 16), train(tiny_root, out, "b", 8)
+
+
+@pytest.fixture(scope="module")
+def split_index(trained, tmp_path_factory):
+    """An index of run a's train split, built with neither --dataset nor --data (the checkpoint's)."""
+    root, run_a, _ = trained
+    index = str(tmp_path_factory.mktemp("index") / "train.index")
+    proc = retrieve("index", "--checkpoint", os.path.join(run_a, "checkpoint_best.pth"), "--out", index,
+                    "--device", "cpu", "--num_workers", "0")
+    assert "from the checkpoint's flags: --dataset digits" in proc.stdout and f"--data {root}" in proc.stdout
+    assert "indexed" in proc.stdout and "the train split of digits" in proc.stdout
+    return index
 
 
 def test_evaluate_matches_the_runs_own_test_metrics(trained, tmp_path):
@@ -43,6 +98,7 @@ def test_evaluate_matches_the_runs_own_test_metrics(trained, tmp_path):
     proc = retrieve("evaluate", "--checkpoint", os.path.join(run_a, "checkpoint_best.pth"), "--data", root,
                     "--dataset", "digits", "--split", "test", "--json", str(out), "--device", "cpu")
     assert "mAP@100" in proc.stdout and "P@H<=2" in proc.stdout
+    assert "from the checkpoint's flags: --imgEXT png" in proc.stdout  # the only one not given
     ours = json.loads(out.read_text())["metrics"]
     theirs = json.loads(open(os.path.join(run_a, "results.json")).read())["test"]
     for key in ("mAP", "mAP@100", "P@20", "P@H<=2"):
@@ -50,31 +106,147 @@ def test_evaluate_matches_the_runs_own_test_metrics(trained, tmp_path):
     assert len(ours["pr_precision"]) == 16 + 1
 
 
-def test_index_and_query_a_split(trained, tmp_path):
+def test_evaluate_takes_dataset_data_and_extension_from_the_checkpoint(trained, tmp_path, capsys):
+    root, run_a, _ = trained
+    best = os.path.join(run_a, "checkpoint_best.pth")
+    code, out, _ = call(capsys, "evaluate", "--checkpoint", best, "--json", str(tmp_path / "e.json"),
+                        "--num_workers", "0")
+    assert code == 0
+    assert f"from the checkpoint's flags: --dataset digits, --imgEXT png, --data {root}" in out
+    assert out.splitlines()[1].startswith("digits test queries")
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["dataset"] == "digits" and report["data"] == os.path.abspath(root)
+    theirs = json.loads(open(os.path.join(run_a, "results.json")).read())["test"]
+    assert report["metrics"]["mAP@100"] == pytest.approx(theirs["mAP@100"], abs=1e-6)
+
+    # The run's data folder has gone: the error names the recorded path and the flag.
+    gone = str(tmp_path / "moved_data")
+    moved = edited_copy(best, tmp_path / "moved.pth", lambda c: c["args"].update(data=gone))
+    proc = retrieve("evaluate", "--checkpoint", moved, "--device", "cpu", check=False)
+    assert_user_error(proc.returncode, proc.stderr, f"the data folder recorded in checkpoint {moved}, {gone}, "
+                      "does not exist", "pass --data DIR")
+    code, _, err = call(capsys, "index", "--checkpoint", moved, "--out", str(tmp_path / "x.index"))
+    assert_user_error(code, err, gone, "--data")
+    # Flags given override the recorded ones.
+    code, out, _ = call(capsys, "evaluate", "--checkpoint", moved, "--data", root, "--split", "val",
+                        "--num_workers", "0")
+    assert code == 0 and "from the checkpoint's flags: --dataset digits, --imgEXT png\n" in out
+    assert "digits val queries" in out
+    code, _, err = call(capsys, "evaluate", "--checkpoint", best, "--dataset", "nowhere")
+    assert_user_error(code, err, os.path.join(root, "nowhere"))
+
+
+def test_index_and_query_a_split(trained, split_index, tmp_path, capsys):
     root, run_a, run_b = trained
-    index = tmp_path / "train.index"
-    retrieve("index", "--checkpoint", os.path.join(run_a, "checkpoint_best.pth"), "--data", root,
-             "--dataset", "digits", "--out", str(index), "--device", "cpu")
-    data = torch.load(index, weights_only=True)
-    from utils.data import SceneDataset
+    data = torch.load(split_index, weights_only=True)
     train_split = SceneDataset(root, "digits", "train", "png")
     assert data["codes"].shape == (len(train_split), 16) and set(data["codes"].unique().tolist()) == {-1, 1}
     assert torch.equal(data["labels"], train_split.labels) and data["classes"] == train_split.classes
-    # A database image queried against its own index comes back first, at distance 0.
-    query = train_split.samples[5][0]
+    best = torch.load(os.path.join(run_a, "checkpoint_best.pth"), weights_only=True)
+    assert data["weights_sha256"] == retrieve_mod.weights_fingerprint(best["model"])
+    # A database image queried against its own index comes back first, at distance 0 (ties are
+    # broken by database index, so take one whose code no earlier image shares).
+    codes = data["codes"].tolist()
+    i = next(i for i in range(5, len(codes)) if codes[i] not in codes[:i]) if len(set(map(tuple, codes))) > 5 else 0
+    query, label = train_split.samples[i][0], train_split.classes[train_split.samples[i][1]]
     grid = tmp_path / "grid.png"
-    proc = retrieve("query", "--index", str(index), query, "--topk", "5", "--grid", str(grid), "--device", "cpu")
-    lines = [line for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
-    assert len(lines) == 5 and "d=  0" in lines[0] and query in proc.stdout
+    proc = retrieve("query", "--index", split_index, query, "--topk", "5", "--grid", str(grid), "--device", "cpu")
+    header = proc.stdout.splitlines()[0]
+    assert header == (f"index {split_index}: {len(train_split)} database images, 16 bits, "
+                      f"checkpoint {os.path.join(run_a, 'checkpoint_best.pth')}")
+    assert f"query {query}  class {label}" in proc.stdout
+    lines = result_lines(proc.stdout)
+    assert len(lines) == 5 and "d=  0" in lines[0]
+    assert parse(lines[0]) == (1, 0, query, label, "relevant")
+    assert all(parse(line)[4] in ("relevant", "irrelevant") for line in lines)
     assert Image.open(grid).size[1] > 16
+
+    # --exclude-self leaves it out and still gives --topk results; --json agrees with the table.
+    code, out, _ = call(capsys, "query", "--index", split_index, query, "--topk", "5", "--exclude-self",
+                        "--json", str(tmp_path / "r.json"))
+    assert code == 0
+    lines = result_lines(out)
+    assert len(lines) == 5 and query not in [parse(line)[2] for line in lines]
+    ranking = json.loads((tmp_path / "r.json").read_text())
+    assert ranking["index"] == split_index and ranking["bits"] == 16
+    assert ranking["checkpoint"] == os.path.join(run_a, "checkpoint_best.pth")
+    (q,) = ranking["queries"]
+    assert q["path"] == query and q["label"] == label
+    assert [r["rank"] for r in q["results"]] == [1, 2, 3, 4, 5]
+    for line, r in zip(lines, q["results"]):
+        rank, dist, path, cls, mark = parse(line)
+        assert (rank, dist, path, cls) == (r["rank"], r["distance"], r["path"], r["label"])
+        assert r["relevant"] == (mark == "relevant") == (r["label"] == label)
+    assert [r["distance"] for r in q["results"]] == sorted(r["distance"] for r in q["results"])
+
+    # --json - : the ranking alone on stdout, the table on stderr; a query from outside the dataset
+    # has no known class, so relevance is unknown.
+    outside = tmp_path / "mine" / "3"
+    outside.mkdir(parents=True)
+    shutil.copy(query, outside / "copy.png")
+    code, out, err = call(capsys, "query", "--index", split_index, query, str(outside / "copy.png"), "--topk", "3",
+                          "--exclude-self", "--json", "-")
+    ranking = json.loads(out)
+    own, other = ranking["queries"]
+    assert own["label"] == label and other["label"] is None
+    assert all(r["relevant"] is None for r in other["results"]) and other["results"][0]["path"] == query
+    assert other["results"][0]["distance"] == 0 and len(own["results"]) == len(other["results"]) == 3
+    assert "class (unknown)" in err and len(result_lines(err)) == 6
+
     # An index built with 16-bit codes cannot be queried with an 8-bit checkpoint.
-    proc = retrieve("query", "--index", str(index), "--checkpoint", os.path.join(run_b, "checkpoint_best.pth"),
+    proc = retrieve("query", "--index", split_index, "--checkpoint", os.path.join(run_b, "checkpoint_best.pth"),
                     query, "--device", "cpu", check=False)
-    assert proc.returncode == 2 and "another kind of checkpoint" in proc.stderr and "dim 16 vs 8" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert_user_error(proc.returncode, proc.stderr, "another kind of checkpoint", "dim 16 vs 8")
 
 
-def test_index_a_folder_of_images(trained, tmp_path):
+def test_query_refuses_other_weights(trained, split_index, tmp_path, capsys):
+    root, run_a, _ = trained
+    best = os.path.join(run_a, "checkpoint_best.pth")
+    query = SceneDataset(root, "digits", "train", "png").samples[0][0]
+
+    def perturb(ckpt):
+        w = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+        ckpt["model"][w] = ckpt["model"][w] + 0.01
+
+    other = edited_copy(best, tmp_path / "other.pth", perturb)
+    proc = retrieve("query", "--index", split_index, "--checkpoint", other, query, "--device", "cpu", check=False)
+    assert_user_error(proc.returncode, proc.stderr,
+                      f"index {split_index} was built with other weights than those of {other} (it was built with "
+                      f"{best})", "query it with the checkpoint that built it (omit --checkpoint)",
+                      f"rebuild the index with `python -m utils.retrieve index --checkpoint {other} ...`")
+    # The same weights anywhere (a copy, or checkpoint_last of the same epoch) are accepted.
+    copy = tmp_path / "elsewhere" / "checkpoint_best.pth"
+    copy.parent.mkdir()
+    shutil.copy(best, copy)
+    for ckpt in (str(copy), os.path.join(run_a, "checkpoint_last.pth")):
+        code, out, err = call(capsys, "query", "--index", split_index, "--checkpoint", ckpt, query, "--topk", "2")
+        assert code == 0 and "warning" not in err and len(result_lines(out)) == 2
+
+    # The checkpoint the index records has moved: say where that path came from and what to pass.
+    moved = edited_copy(split_index, tmp_path / "moved.index",
+                        lambda ix: ix.update(checkpoint=str(tmp_path / "gone" / "checkpoint_best.pth")))
+    code, _, err = call(capsys, "query", "--index", moved, query)
+    assert_user_error(code, err, f"checkpoint {tmp_path / 'gone' / 'checkpoint_best.pth'} does not exist; "
+                      f"this path came from index {moved}", "pass --checkpoint PATH to use another copy of it")
+    code, out, _ = call(capsys, "query", "--index", moved, "--checkpoint", str(copy), query, "--topk", "1")
+    assert code == 0 and "d=  0" in result_lines(out)[0]
+
+    # An index written before fingerprints: accepted, with a one-line warning.
+    old = edited_copy(split_index, tmp_path / "old.index", lambda ix: (ix.pop("weights_sha256"), ix.update(version=1)))
+    code, out, err = call(capsys, "query", "--index", old, "--checkpoint", other, query, "--topk", "1")
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert code == 0 and len(warnings) == 1 and "records no fingerprint" in warnings[0] and old in warnings[0]
+    assert len(result_lines(out)) == 1
+
+    # No index file at all: say so, and how to build one.
+    missing = str(tmp_path / "nope.index")
+    proc = retrieve("query", "--index", missing, query, "--device", "cpu", check=False)
+    assert_user_error(proc.returncode, proc.stderr, f"index file {missing} does not exist; build one with "
+                      f"`python -m utils.retrieve index --checkpoint CHECKPOINT --out {missing}`")
+    assert "checkpoint_*.pth" not in proc.stderr
+
+
+def test_index_a_folder_of_images(trained, tmp_path, capsys):
     root, run_a, _ = trained
     folder = tmp_path / "mine"
     (folder / "sub").mkdir(parents=True)
@@ -85,3 +257,22 @@ def test_index_a_folder_of_images(trained, tmp_path):
              "--out", str(index), "--device", "cpu")
     data = torch.load(index, weights_only=True)
     assert data["labels"] is None and len(data["paths"]) == 3 and data["codes"].shape == (3, 16)
+    # Without labels: results have no class and no relevance, in the table and in the JSON.
+    query = str(folder / "sub" / "0.jpg")  # the first: first among equal codes too
+    code, out, _ = call(capsys, "query", "--index", str(index), query, "--json", str(tmp_path / "r.json"))
+    assert code == 0 and f"query {query}  class (unknown)" in out
+    lines = result_lines(out)
+    assert len(lines) == 3 and parse(lines[0]) == (1, 0, query, None, None)
+    (q,) = json.loads((tmp_path / "r.json").read_text())["queries"]
+    assert q["label"] is None and all(r["label"] is None and r["relevant"] is None for r in q["results"])
+    code, out, _ = call(capsys, "query", "--index", str(index), query, "--exclude-self", "--topk", "10")
+    assert code == 0 and [parse(line)[0] for line in result_lines(out)] == [1, 2]
+    assert query not in [parse(line)[2] for line in result_lines(out)]
+
+
+def test_every_flag_has_help():
+    parser = retrieve_mod.build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)

@@ -1,14 +1,20 @@
 """Retrieval with a trained checkpoint: index images, query an index, evaluate a split.
 
-    python -m utils.retrieve index    --checkpoint runs/X/checkpoint_best.pth --dataset UCMerced --out ucm.index
+    python -m utils.retrieve index    --checkpoint runs/X/checkpoint_best.pth --out ucm.index
     python -m utils.retrieve index    --checkpoint runs/X/checkpoint_best.pth --folder my_images/ --out mine.index
     python -m utils.retrieve query    --index ucm.index path/to/image.tif [more images] --topk 10 --grid grid.png
-    python -m utils.retrieve evaluate --checkpoint runs/X/checkpoint_best.pth --dataset UCMerced --split test
+    python -m utils.retrieve query    --index ucm.index path/to/image.tif --exclude-self --json results.json
+    python -m utils.retrieve evaluate --checkpoint runs/X/checkpoint_best.pth --split test
 
-An index holds ±1 codes, labels where known, image paths and the checkpoint's configuration;
-it is read with weights_only=True like the checkpoints.
+index and evaluate take the dataset, the data folder and the image extension from the flags
+the checkpoint was trained with unless --dataset, --data or --imgEXT say otherwise.
+
+An index holds ±1 codes, labels where known, image paths, the checkpoint's configuration and a
+fingerprint of its weights (a query with a checkpoint of other weights is refused); it is read
+with weights_only=True like the checkpoints.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -19,16 +25,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt_io
 from .data import SceneDataset, eval_transform, multiband_eval_transform, read_image, remove_unreadable
-from .engine import REPO_ROOT, encode, image_extension, score, select_device
+from .evaluation import encode, score
+from .flags import REPO_ROOT, image_extension, select_device
 from .errors import UserError, exit_on_user_error
 from .models import HashingNet
 from .search import hamming_topk
 from .visualize import retrieval_grid
 
 INDEX_FORMAT = "cdne-index"
+INDEX_VERSION = 2  # 2: "weights_sha256", the fingerprint of the weights that built the index
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 # What must agree between the checkpoint that built an index and the one that queries it.
 CODE_KEYS = ("arch", "dim", "in_channels", "img_size")
+BUILD_HINT = "python -m utils.retrieve index --checkpoint CHECKPOINT --out"
 
 
 class ImageFiles(Dataset):
@@ -47,14 +56,38 @@ class ImageFiles(Dataset):
         return {"img": self.transform(img), "label": label, "idx": i}
 
 
+def weights_fingerprint(state_dict):
+    """sha256 (hex) over a state_dict's tensors in key order: each name, dtype, shape and bytes.
+
+    Two checkpoints have the same fingerprint iff their networks compute the same codes
+    (bit for bit the same parameters and buffers), wherever the files lie."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class Loaded:
+    """A checkpoint's network (never the key encoder), configuration, flags and weights fingerprint."""
+
+    def __init__(self, path, device):
+        ckpt = ckpt_io.load_checkpoint(path)
+        self.path, self.config, self.args = path, ckpt["config"], ckpt.get("args") or {}
+        self.config.setdefault("in_channels", self.args.get("bands", 3))
+        self.fingerprint = weights_fingerprint(ckpt["model"])
+        model = HashingNet(self.config["arch"], self.config["num_classes"], self.config["dim"], pretrained=False,
+                           in_channels=self.config["in_channels"])
+        model.load_state_dict(ckpt["model"])
+        self.model = model.to(device).eval()
+
+
 def load_model(path, device):
     """The network of a checkpoint (never the key encoder) and the checkpoint's configuration."""
-    ckpt = ckpt_io.load_checkpoint(path)
-    config = ckpt["config"]
-    model = HashingNet(config["arch"], config["num_classes"], config["dim"], pretrained=False,
-                       in_channels=config.get("in_channels", 3))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), config
+    loaded = Loaded(path, device)
+    return loaded.model, loaded.config
 
 
 def transform_of(config):
@@ -80,6 +113,34 @@ def list_folder(folder):
     return paths
 
 
+def resolve_dataset_flags(args, loaded):
+    """--dataset, --data and --imgEXT as given, else as the checkpoint's run had them.
+
+    Returns the names of the settings taken from the checkpoint."""
+    run, taken = loaded.args, []
+    if not args.dataset:
+        args.dataset = run.get("dataset") or loaded.config.get("dataset")
+        if not args.dataset:
+            raise UserError(f"checkpoint {loaded.path} does not record its dataset; pass --dataset NAME "
+                            f"(or, for index, --folder DIR)")
+        taken.append("dataset")
+    if not args.imgEXT and run.get("imgEXT") and args.dataset == run.get("dataset"):
+        args.imgEXT = run["imgEXT"]  # the extension belongs to the run's dataset, not to another one
+        taken.append("imgEXT")
+    if not args.data:
+        recorded = run.get("data")
+        if recorded:
+            if not os.path.isdir(recorded):
+                raise UserError(f"the data folder recorded in checkpoint {loaded.path}, {recorded}, does not exist "
+                                f"(moved, or another machine); pass --data DIR, the folder that holds "
+                                f"{args.dataset}/")
+            args.data = recorded
+            taken.append("data")
+        else:
+            args.data = os.path.join(REPO_ROOT, "data")
+    return taken
+
+
 def split_of(args, config):
     ds = SceneDataset(args.data, args.dataset, args.split, image_extension(args.dataset, args.imgEXT),
                       bands=config.get("in_channels", 3))
@@ -94,6 +155,9 @@ def split_of(args, config):
 
 
 def load_index(path):
+    if not os.path.isfile(path):
+        raise UserError(f"index file {path} does not exist; build one with `{BUILD_HINT} {path}` "
+                        "(add --folder DIR to index a folder of images instead of the run's train split)")
     index = ckpt_io.safe_load(path, what="index")
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
         raise UserError(f"{path} is not an index file; build one with `python -m utils.retrieve index`")
@@ -108,57 +172,134 @@ def check_compatible(index_config, config, index_path, ckpt_path):
                         f"({', '.join(diffs)}); query it with the checkpoint that built it or rebuild the index")
 
 
+def check_weights(index, loaded, index_path):
+    """Refuse a checkpoint whose weights are not those that built the index; warn for old indexes."""
+    built_with = index.get("weights_sha256")
+    if built_with is None:
+        print(f"warning: index {index_path} was written by an older version and records no fingerprint of the "
+              f"weights that built it, so {loaded.path} cannot be checked against it; rebuild the index to have "
+              f"it checked", file=sys.stderr)
+    elif built_with != loaded.fingerprint:
+        raise UserError(f"index {index_path} was built with other weights than those of {loaded.path} (it was "
+                        f"built with {index.get('checkpoint')}), so its codes would not match; query it with the "
+                        f"checkpoint that built it (omit --checkpoint) or rebuild the index with "
+                        f"`python -m utils.retrieve index --checkpoint {loaded.path} ...`")
+
+
+def query_label(path, index):
+    """The class of a query image inside a class folder of the indexed dataset, else None."""
+    classes = index.get("classes")
+    if not classes or index.get("labels") is None or not index["paths"]:
+        return None
+    class_dir = os.path.dirname(os.path.abspath(path))
+    dataset_name = os.path.basename(os.path.dirname(os.path.dirname(index["paths"][0])))
+    if os.path.basename(os.path.dirname(class_dir)) != dataset_name:
+        return None
+    name = os.path.basename(class_dir)
+    return name if name in classes else None
+
+
 # ----------------------------------------------------------------------------- commands
 
 def cmd_index(args, device):
-    model, config = load_model(args.checkpoint, device)
+    loaded = Loaded(args.checkpoint, device)
+    model, config = loaded.model, loaded.config
     if args.folder:
         paths, labels, classes = list_folder(args.folder), None, None
     else:
+        taken = resolve_dataset_flags(args, loaded)
+        if taken:
+            print(f"from the checkpoint's flags: {describe(args, taken)}")
         ds = split_of(args, config)
         paths, labels, classes = [p for p, _ in ds.samples], ds.labels, ds.classes
     codes = encode_files(model, config, paths, labels, device, args.batch_size, args.num_workers)
-    index = {"format": INDEX_FORMAT, "version": 1, "codes": torch.where(codes > 0, 1, -1).to(torch.int8).cpu(),
+    index = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
+             "codes": torch.where(codes > 0, 1, -1).to(torch.int8).cpu(),
              "labels": labels, "paths": [os.path.abspath(p) for p in paths], "classes": classes,
-             "config": config, "checkpoint": os.path.abspath(args.checkpoint)}
+             "config": config, "checkpoint": os.path.abspath(args.checkpoint),
+             "weights_sha256": loaded.fingerprint}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     ckpt_io.atomic_save(index, args.out)
-    print(f"indexed {len(paths)} images with {config['dim']}-bit codes into {args.out}")
+    what = f"the {args.split} split of {args.dataset}" if not args.folder else args.folder
+    print(f"indexed {len(paths)} images of {what} with {config['dim']}-bit codes into {args.out}")
+
+
+def describe(args, taken):
+    return ", ".join(f"--{k} {getattr(args, k)}" for k in taken)
 
 
 def cmd_query(args, device):
     index = load_index(args.index)
     ckpt_path = args.checkpoint or index["checkpoint"]
-    model, config = load_model(ckpt_path, device)
+    if not args.checkpoint and not os.path.isfile(ckpt_path):
+        raise UserError(f"checkpoint {ckpt_path} does not exist; this path came from index {args.index} (the "
+                        f"checkpoint that built it; was its run folder moved?): pass --checkpoint PATH to use "
+                        f"another copy of it")
+    loaded = Loaded(ckpt_path, device)
+    config = loaded.config
     check_compatible(index["config"], config, args.index, ckpt_path)
+    check_weights(index, loaded, args.index)
     for path in args.images:
         if not os.path.isfile(path):
             raise UserError(f"query image {path} does not exist")
-    codes = encode_files(model, config, args.images, None, device, args.batch_size, 0)
-    dist, idx = hamming_topk(codes, index["codes"].float().to(device), args.topk)
-    classes, labels = index.get("classes"), index.get("labels")
-    relevant = None
-    if classes and labels is not None:
-        # A query inside a class folder of the indexed dataset has a known class.
-        q_labels = [classes.index(os.path.basename(os.path.dirname(os.path.abspath(p))))
-                    if os.path.basename(os.path.dirname(os.path.abspath(p))) in classes else None
-                    for p in args.images]
-        if all(q is not None for q in q_labels):
-            relevant = [[int(labels[j]) == q for j in row] for row, q in zip(idx.tolist(), q_labels)]
+    n_db = index["codes"].shape[0]
+    codes = encode_files(loaded.model, config, args.images, None, device, args.batch_size, 0)
+    # One more than asked for, in case the query itself is in the database and is left out.
+    dist, idx = hamming_topk(codes, index["codes"].float().to(device), args.topk + int(args.exclude_self))
+    classes, labels, paths = index.get("classes"), index.get("labels"), index["paths"]
+    db_label = (lambda j: classes[int(labels[j])]) if classes and labels is not None else (lambda j: None)
+
+    queries = []
     for qi, path in enumerate(args.images):
-        print(f"query {path}")
-        for rank, (d, j) in enumerate(zip(dist[qi].tolist(), idx[qi].tolist()), 1):
-            cls = f"  {classes[int(labels[j])]}" if classes and labels is not None else ""
-            print(f"  {rank:3d}  d={d:3d}  {index['paths'][j]}{cls}")
+        own = os.path.abspath(path)
+        label = query_label(path, index)
+        results = []
+        for d, j in zip(dist[qi].tolist(), idx[qi].tolist()):
+            if args.exclude_self and paths[j] == own:
+                continue
+            result_label = db_label(j)
+            relevant = None if label is None or result_label is None else result_label == label
+            results.append({"rank": len(results) + 1, "distance": int(d), "path": paths[j], "label": result_label,
+                            "relevant": relevant})
+        queries.append({"path": own, "label": label, "results": results[:args.topk]})
+
+    # With --json - the ranking goes to stdout for programs, and the table to stderr for people.
+    out = sys.stderr if args.json == "-" else sys.stdout
+    print(f"index {os.path.abspath(args.index)}: {n_db} database images, {index['config']['dim']} bits, "
+          f"checkpoint {os.path.abspath(ckpt_path)}", file=out)
+    for q in queries:
+        print(f"query {q['path']}  class {q['label'] if q['label'] is not None else '(unknown)'}", file=out)
+        for r in q["results"]:
+            mark = "" if r["relevant"] is None else ("  relevant" if r["relevant"] else "  irrelevant")
+            cls = f"  {r['label']}" if r["label"] is not None else ""
+            print(f"  {r['rank']:3d}  d={r['distance']:3d}  {r['path']}{cls}{mark}", file=out)
+    if args.json:
+        ranking = {"index": os.path.abspath(args.index), "checkpoint": os.path.abspath(ckpt_path),
+                   "bits": index["config"]["dim"], "queries": queries}
+        if args.json == "-":
+            json.dump(ranking, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            with open(args.json, "w") as fh:
+                json.dump(ranking, fh, indent=2)
+            print(f"ranking written to {args.json}", file=out)
     if args.grid:
-        grid = retrieval_grid(args.images, [[index["paths"][j] for j in row] for row in idx.tolist()],
-                              relevant, dist.tolist(), bands=config.get("in_channels", 3))
+        relevant = None
+        if all(q["label"] is not None for q in queries) and labels is not None:
+            relevant = [[r["relevant"] for r in q["results"]] for q in queries]
+        grid = retrieval_grid([q["path"] for q in queries], [[r["path"] for r in q["results"]] for q in queries],
+                              relevant, [[r["distance"] for r in q["results"]] for q in queries],
+                              bands=config.get("in_channels", 3))
         grid.save(args.grid)
-        print(f"grid written to {args.grid}")
+        print(f"grid written to {args.grid}", file=out)
 
 
 def cmd_evaluate(args, device):
-    model, config = load_model(args.checkpoint, device)
+    loaded = Loaded(args.checkpoint, device)
+    model, config = loaded.model, loaded.config
+    taken = resolve_dataset_flags(args, loaded)
+    if taken:
+        print(f"from the checkpoint's flags: {describe(args, taken)}")
     db = split_of(argparse.Namespace(**{**vars(args), "split": "train"}), config)
     queries = split_of(args, config)
     db_codes = encode_files(model, config, [p for p, _ in db.samples], db.labels, device, args.batch_size,
@@ -174,7 +315,7 @@ def cmd_evaluate(args, device):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"checkpoint": os.path.abspath(args.checkpoint), "dataset": args.dataset,
-                       "split": args.split, "metrics": metrics}, fh, indent=2)
+                       "data": os.path.abspath(args.data), "split": args.split, "metrics": metrics}, fh, indent=2)
         print(f"metrics written to {args.json}")
 
 
@@ -184,34 +325,49 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(q, checkpoint_required=True):
-        q.add_argument("--checkpoint", required=checkpoint_required, help="a checkpoint_*.pth of a run")
-        q.add_argument("--device", default="auto")
-        q.add_argument("-b", "--batch-size", type=int, default=128)
-        q.add_argument("--num_workers", type=int, default=2)
+        if checkpoint_required:
+            q.add_argument("--checkpoint", required=True, help="a checkpoint_*.pth of a run")
+        else:
+            q.add_argument("--checkpoint", default=None,
+                           help="a checkpoint_*.pth with the weights that built the index (default: the path "
+                                "the index records; pass this when that run folder has moved)")
+        q.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cuda, cuda:N, mps or cpu")
+        q.add_argument("-b", "--batch-size", type=int, default=128, help="images encoded per batch (default 128)")
+        q.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes (default 2)")
 
     def dataset(q):
-        q.add_argument("--data", default=os.path.join(REPO_ROOT, "data"))
-        q.add_argument("--dataset", default=None)
-        q.add_argument("--imgEXT", default=None)
+        q.add_argument("--data", default=None,
+                       help="folder holding the datasets (default: the checkpoint's --data, else the repo's data/)")
+        q.add_argument("--dataset", default=None,
+                       help="dataset folder under --data (default: the dataset the checkpoint was trained on)")
+        q.add_argument("--imgEXT", default=None,
+                       help="image file extension (default: the checkpoint's for its own dataset, else the "
+                            "dataset's own, else tif)")
         q.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out")
 
     q = sub.add_parser("index", help="encode a split or a folder of images into an index file")
     common(q)
     dataset(q)
-    q.add_argument("--split", default="train", choices=("train", "val", "test"))
+    q.add_argument("--split", default="train", choices=("train", "val", "test"),
+                   help="split of the dataset to index (default train, the retrieval database)")
     q.add_argument("--folder", default=None, help="index every image under this folder instead")
     q.add_argument("--out", required=True, help="index file to write")
     q = sub.add_parser("query", help="the top-k database images of one or more image files")
     common(q, checkpoint_required=False)
-    q.add_argument("--index", required=True)
-    q.add_argument("images", nargs="+")
-    q.add_argument("--topk", type=int, default=10)
+    q.add_argument("--index", required=True, help="an index file written by `python -m utils.retrieve index`")
+    q.add_argument("images", nargs="+", help="query image files")
+    q.add_argument("--topk", type=int, default=10, help="results per query (default 10)")
+    q.add_argument("--exclude-self", action="store_true",
+                   help="leave a query's own image (same absolute path) out of its results")
+    q.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the ranking as JSON here (- for stdout; the table then goes to stderr)")
     q.add_argument("--grid", default=None, help="write a picture of the results here (.png)")
     q = sub.add_parser("evaluate", help="the metric table of a checkpoint on a split")
     common(q)
     dataset(q)
-    q.add_argument("--split", default="test", choices=("train", "val", "test"))
-    q.add_argument("--topk", type=int, default=100)
+    q.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="split whose images are the queries (default test); the database is the train split")
+    q.add_argument("--topk", type=int, default=100, help="R of mAP@R and K of P@K, besides 20 and 100 (default 100)")
     q.add_argument("--json", default=None, help="also write the metrics here")
     return p
 
@@ -219,10 +375,10 @@ def build_parser():
 @exit_on_user_error
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command in ("index", "evaluate") and not args.dataset and not getattr(args, "folder", None):
-        raise UserError(f"{args.command} needs --dataset (or, for index, --folder)")
     if getattr(args, "topk", 1) <= 0 or args.batch_size <= 0:
         raise UserError("--topk and --batch-size must be positive")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
     device = select_device(args.device)
     {"index": cmd_index, "query": cmd_query, "evaluate": cmd_evaluate}[args.command](args, device)
     return 0

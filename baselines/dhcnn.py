@@ -1,0 +1,35 @@
+"""DHCNN: deep hashing convolutional neural network (Song, Li and Benediktsson, "Deep hashing
+learning for visual and semantic retrieval of remote sensing images", IEEE TGRS 2021), as
+defined in docs/method.md."""
+import torch.nn.functional as F
+
+from .dpsh import pairwise_loss, quantization_loss
+from utils.method import Method
+
+
+class DHCNN(Method):
+    """DPSH's pairwise likelihood within the batch + w_c * cross-entropy of the classifier FC2
+    on u + eta * DPSH's quantisation loss. Keeps no state."""
+
+    name = "DHCNN"
+
+    def __init__(self, args, model, train_labels):
+        super().__init__(args, model, train_labels)
+        self.ce_weight = float(args.ce_weight)
+        self.eta = float(args.eta)
+
+    @staticmethod
+    def add_arguments(parser):
+        parser.add_argument("--ce-weight", dest="ce_weight", type=float, default=1.0,
+                            help="weight w_c of the classification (cross-entropy) loss")
+        parser.add_argument("--eta", type=float, default=0.1, help="weight of the quantisation loss")
+
+    def losses(self, batch):
+        u = batch.f.float()
+        # All pairs (i, j) of this rank's batch, i = j included (s_ii = 1): the mean is over B^2 terms.
+        s = (batch.label.unsqueeze(1) == batch.label.unsqueeze(0)).float()
+        terms = {"pairwise": pairwise_loss(u, u, s),
+                 "ce": F.cross_entropy(batch.logits.float(), batch.label),
+                 "quant": quantization_loss(u)}
+        terms["total"] = terms["pairwise"] + self.ce_weight * terms["ce"] + self.eta * terms["quant"]
+        return terms

@@ -1,0 +1,96 @@
+"""CNN+LSH and CNN+PCA-ITQ: hashing of fixed ImageNet features, nothing trained.
+
+The train split is encoded with the backbone (eval transform), a projection is fitted on
+those features (utils/hashing.py), and the codes b = sign((x - mu) W) are those of a
+HashingNet whose FC1 holds W^T and the bias -mu W. So the run folder has the usual
+checkpoint, and `python -m utils.retrieve` indexes and queries with it like any other.
+"""
+import json
+from contextlib import nullcontext
+
+import torch
+from tensorboardX import SummaryWriter
+
+from utils import checkpoint as ckpt_io
+from utils import distributed as dist
+from utils.evaluation import encode, evaluate, log_test_pictures, tb_tag
+from utils.flags import seed_everything
+from utils.hashing import fit_itq, fit_lsh
+from utils.method import Method
+from utils.models import HashingNet
+from utils.run_state import RunFolder, plain_args, run_config
+from utils.splits import Splits
+
+
+class LSH(Method):
+    """Random Gaussian projections of the centred features (Charikar 2002)."""
+
+    name = "LSH"
+
+    @staticmethod
+    def fit(features, args):
+        return fit_lsh(features, args.dim, seed=args.seed)
+
+
+class ITQ(Method):
+    """PCA to L dimensions, then the rotation that iterative quantisation finds (Gong and Lazebnik 2011)."""
+
+    name = "ITQ"
+
+    @staticmethod
+    def add_arguments(parser):
+        parser.add_argument("--itq-iterations", type=int, default=50, help="rotation updates of ITQ")
+
+    @staticmethod
+    def fit(features, args):
+        return fit_itq(features, args.dim, iterations=args.itq_iterations, seed=args.seed)
+
+
+class _Pooled(torch.nn.Module):
+    """The backbone's pooled features in the (f, e, logits) shape that encode() reads."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        return self.backbone(x), None, None
+
+
+def run_features(method_cls, args):
+    """Encode, fit, evaluate val and test once, and write the run folder; returns 0."""
+    splits = Splits(args)
+    seed_everything(args.seed)
+    pretrained = args.weights or (not args.no_pretrained)
+    model = HashingNet(args.model, len(splits.classes), args.dim, pretrained, args.bands).to(args.device_obj)
+    folder = RunFolder(args, method_cls.name)
+    autocast = nullcontext  # full precision: the fit wants the features as they are
+    feature_dim = model.fc1.in_features
+    features = encode(_Pooled(model.backbone), splits.eval_loader("train"), len(splits.db), feature_dim,
+                      args.device_obj, autocast, "encode train features")
+    mean, projection = method_cls.fit(features, args)
+    with torch.no_grad():
+        model.fc1.weight.copy_(projection.t())
+        model.fc1.bias.copy_(-(mean @ projection))
+    val = evaluate(model, splits, "val", args, autocast)
+    test, q_codes, db_codes = evaluate(model, splits, "test", args, autocast, return_codes=True)
+    config = run_config(args, method_cls.name, splits)
+    results = {"variant": method_cls.name, "dataset": args.dataset, "run_dir": folder.path, "best_epoch": 0,
+               "val": val, "test": test, "args": plain_args(args)}
+    if dist.is_main():
+        state = {"format": ckpt_io.FORMAT, "version": 2, "config": config, "args": plain_args(args), "epoch": 0,
+                 "step": 0, "model": model.state_dict(), "best": {"score": val[f"mAP@{args.topk}"], "epoch": 0}}
+        folder.save(state, best=True)
+        with SummaryWriter(folder.tensorboard) as writer:
+            for split, metrics in (("val", val), ("test", test)):
+                for k, v in metrics.items():
+                    if isinstance(v, float):
+                        writer.add_scalar(f"{split}/{tb_tag(k)}", v, 0)
+            log_test_pictures(writer, splits, test, q_codes, db_codes, args.bands, 0)
+        for path, obj in ((f"{folder.path}/args.json", plain_args(args)), (folder.results, results)):
+            with open(path, "w") as fh:
+                json.dump(obj, fh, indent=2)
+        key = f"mAP@{args.topk}"
+        print(f"{method_cls.name}: val {key} {val[key]:.4f}; test {key} {test[key]:.4f}  P@20 {test['P@20']:.4f}\n"
+              f"results written to {folder.results}")
+    return 0

@@ -28,7 +28,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, "", argparse.SUPPRESS):
+        d = action.default
+        if "default" in text or d is None or d is False or d == "" or d is argparse.SUPPRESS:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -64,9 +65,10 @@ def build_parser(description, method_cls=None, epilog=None):
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 where supported, else float16)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="check every image first and leave out unreadable ones (with a warning and a count)")
-    p.add_argument("--pipeline", default="pil", choices=("pil", "cached"),
+    p.add_argument("--pipeline", default="auto", choices=("auto", "pil", "cached"),
                    help="pil: decode with Pillow per image per epoch; cached: decode once into RAM, "
-                        "augment whole batches as tensors on the training device")
+                        "augment whole batches as tensors on the training device; auto: cached on CUDA "
+                        "when the decoded splits fit in half of the available RAM, else pil")
     g = p.add_argument_group("optimisation (the paper's values)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
@@ -122,6 +124,60 @@ def select_device(name):
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist.local_rank())
     return device
+
+
+def cpu_supports_bf16():
+    """True where the processor itself computes in bfloat16 (AVX512-BF16 or AMX on x86, the
+    BF16 extension on Arm); elsewhere bfloat16 autocast is emulated and far slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            words = set(fh.read().split())
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def check_amp(args, device):
+    if args.amp and device.type == "cpu" and not cpu_supports_bf16():
+        raise UserError("--amp on this CPU would emulate bfloat16 (it has no AVX512-BF16, AMX or Arm BF16), "
+                        "which is many times slower than float32; drop --amp: training runs in float32 without it")
+
+
+def available_memory():
+    """Bytes of RAM available to new allocations (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+# The cached pipeline may take this share of the available RAM (the rest: loader workers,
+# the framework, other jobs on the node).
+CACHE_RAM_SHARE = 0.5
+
+
+def choose_pipeline(args, device, n_images):
+    """--pipeline auto: (pipeline, reason)."""
+    if args.pipeline != "auto":
+        return args.pipeline, "as asked"
+    if device.type != "cuda":
+        return "pil", f"the Pillow pipeline on {device.type}; the cached one pays on GPUs"
+    if args.bands != 3:
+        return "pil", "multi-band input reads through Pillow/tifffile"
+    need = n_images * 3 * args.img_size ** 2 * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    have = available_memory()
+    if have is None or need > CACHE_RAM_SHARE * have:
+        known = f"{have / 2**30:.1f} GiB available" if have else "available RAM unknown"
+        return "pil", f"the decoded splits would take {need / 2**30:.1f} GiB, more than half of the RAM ({known})"
+    return "cached", (f"the decoded splits take {need / 2**30:.1f} GiB, within half of the "
+                      f"{have / 2**30:.1f} GiB of available RAM")
 
 
 def seed_everything(seed):

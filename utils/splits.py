@@ -4,12 +4,13 @@ import os
 import signal
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist
 from .data import (SceneDataset, band_statistics, eval_transform, multiband_eval_transform,
                    multiband_train_transform, remove_unreadable, train_transform)
 from .digits import make_digits
+from .flags import choose_pipeline
 
 
 class EpochBatches:
@@ -47,6 +48,30 @@ class EpochBatches:
         for b in range(self.start, len(self.bounds) - 1):
             batch = order[self.bounds[b]:self.bounds[b + 1]]
             yield batch.tensor_split(self.world_size)[self.rank].tolist()
+
+
+def sample_seed(seed, epoch, index):
+    """The seed of one sample's augmentation in one epoch."""
+    return (seed * 1_000_003 + epoch) * 1_000_003 + index
+
+
+class PerSampleAugmentation(Dataset):
+    """A split whose random transform draws from (seed, epoch, sample index) alone, so that a
+    run is the same with any number of loader workers or processes, and resumes exactly
+    mid-epoch. Set `epoch` before each epoch's loader is made."""
+
+    def __init__(self, dataset, transform, seed):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        with torch.random.fork_rng(devices=[]):  # torchvision's transforms draw from torch's global RNG
+            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+            item["img"] = self.transform(item["img"])
+        return item
 
 
 def ignore_stop_signals(_=None):
@@ -96,13 +121,16 @@ class Splits:
             self.band_stats = band_stats or band_statistics(self.train)
             train_tf = multiband_train_transform(S, *self.band_stats)
             eval_tf = multiband_eval_transform(S, *self.band_stats)
-        self.train.transform = train_tf
+        self.train_augmented = PerSampleAugmentation(self.train, train_tf, args.seed)
         for ds in (self.db, self.val, self.test):
             ds.transform = eval_tf
         rank, world = dist.rank(), dist.world_size()
         # ResNet's last feature maps are 1x1 below 64x64 input: BatchNorm then needs 2 samples.
         self.train_batches = EpochBatches(len(self.train), args.batch_size, True, args.seed, rank, world,
                                           min_per_rank=2 if args.img_size < 64 else 1)
+        args.pipeline, why = choose_pipeline(args, args.device_obj, len(self.train) + len(self.val) + len(self.test))
+        if dist.is_main():
+            print(f"input pipeline: {args.pipeline} ({why})")
         self.cache = {}
         if args.pipeline == "cached":
             from .fast_data import CachedImages
@@ -116,7 +144,8 @@ class Splits:
             from .fast_data import CachedBatches
             return CachedBatches(self.cache["train"], self.train_batches, self.args.device_obj, augment=True,
                                  num_workers=self.args.num_workers)
-        return _loader(self.train, self.train_batches, self.args, epoch)
+        self.train_augmented.epoch = epoch
+        return _loader(self.train_augmented, self.train_batches, self.args, epoch)
 
     def eval_loader(self, split):
         ds = {"train": self.db, "val": self.val, "test": self.test}[split]

@@ -18,7 +18,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .errors import UserError, exit_on_user_error
 from .evaluation import evaluate, log_test_pictures, tb_tag
-from .flags import build_parser, check_args, seed_everything, select_device
+from .flags import build_parser, check_amp, check_args, seed_everything, select_device
 from .method import StepBatch
 from .models import HashingNet
 from .run_state import RunFolder, plain_args, restore, resume_args, run_config, training_state
@@ -265,6 +265,7 @@ def run(method_cls, description, argv=None, script=None, add_flags=None, train=N
             return 0
         check_args(args)
         args.device_obj = select_device(args.device)
+        check_amp(args, args.device_obj)
         dist.init(args.device_obj.type)
         if args.device_obj.type == "cuda":
             torch.cuda.set_device(args.device_obj)

@@ -17,7 +17,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from utils.engine import Trainer, check_args, select_device  # noqa: E402
+from utils.flags import build_parser, check_args, select_device  # noqa: E402
+from utils.trainer import Trainer  # noqa: E402
 
 
 def load_variant(folder):
@@ -39,7 +40,7 @@ class Labels:
 
 
 class SyntheticData:
-    """Stands in for engine.Data: N training labels and random image batches on the device."""
+    """Stands in for utils.splits.Splits: N training labels and random image batches on the device."""
 
     def __init__(self, n, num_classes, batch_size, size, device):
         self.classes = [str(c) for c in range(num_classes)]
@@ -59,16 +60,16 @@ def sync(device):
 
 def measure(variant, amp, args, device):
     module = load_variant({"MU": "train", "MB": "train_MB"}[variant])
-    variant_cls = module.MemoryUnitVariant if variant == "MU" else module.MemoryBankVariant
+    method_cls = module.MemoryUnitCDNE if variant == "MU" else module.MemoryBankCDNE
     flags = ["--no-pretrained", "--device", str(device), "-b", str(args.batch_size), "--model", args.model,
              "--lr", str(args.lr),
              "--out", tempfile.mkdtemp(), "--name", "gpu_check"] + (["--amp"] if amp else [])
-    targs = module.parser().parse_args(flags)
+    targs = build_parser("gpu check", method_cls).parse_args(flags)
     check_args(targs)
     targs.device_obj = device
     data = SyntheticData(args.num_samples, 45, args.batch_size, args.img_size, device)
-    trainer = Trainer(targs, variant_cls, data=data)
-    trainer.net.train()
+    trainer = Trainer(targs, method_cls, splits=data)
+    trainer.ddp_model.train()
     g = torch.Generator(device=device).manual_seed(0)
     for _ in range(args.warmup):
         trainer.train_step(data.batch(g))

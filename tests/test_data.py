@@ -1,4 +1,4 @@
-"""The SPEC section-1 split and the dataset class."""
+"""The split of docs/method.md section 1 and the dataset class."""
 import os
 import random
 

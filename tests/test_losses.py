@@ -1,4 +1,4 @@
-"""CDNELoss against a direct implementation of the SPEC section-4 formula."""
+"""CDNELoss against a direct implementation of the formula of docs/method.md section 4."""
 import math
 
 import pytest

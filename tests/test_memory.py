@@ -1,4 +1,4 @@
-"""Memory update rules (SPEC section 3) and the key encoder's EMA."""
+"""Memory update rules (docs/method.md section 3) and the key encoder's EMA."""
 import math
 
 import torch

@@ -1,4 +1,4 @@
-"""HashingNet (SPEC section 2) and loading of ImageNet / local weights."""
+"""HashingNet (docs/method.md section 2) and loading of ImageNet / local weights."""
 import functools
 import hashlib
 import http.server

@@ -109,11 +109,20 @@ def test_resume_refuses_another_configuration(tiny_root, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["MU", "MB"])
-def test_amp_and_cached_pipeline_on_the_cpu(variant, tiny_root, tmp_path):
-    """--amp (bfloat16 autocast on the CPU) with the cached batch pipeline, a few steps."""
-    run_script(variant, "--data", tiny_root, "--dataset", "digits", "-b", "16", "--lr", "0.01", "--epochs", "1",
-               "--out", str(tmp_path), "--name", "amp", *FAST, "--amp", "--pipeline", "cached",
-               "--num_workers", "1")
+def test_amp_and_cached_pipeline_on_the_cpu(variant, tiny_root, tmp_path, monkeypatch, capsys):
+    """--amp (bfloat16 autocast) with the cached batch pipeline, a few steps, on a CPU taken to
+    compute bfloat16 natively (this one may not: --amp would then be refused)."""
+    from conftest import load_script
+    from utils import flags
+    from utils.trainer import run
+
+    monkeypatch.setattr(flags, "cpu_supports_bf16", lambda: True)
+    module = load_script("train" if variant == "MU" else "train_MB")
+    method = getattr(module, "MemoryBankCDNE", None) or module.MemoryUnitCDNE
+    status = run(method, "test", ["--data", tiny_root, "--dataset", "digits", "-b", "16", "--lr", "0.01",
+                                  "--epochs", "1", "--out", str(tmp_path), "--name", "amp", *FAST, "--amp",
+                                  "--pipeline", "cached", "--num_workers", "1"])
+    assert status == 0, capsys.readouterr().err[-2000:]
     tags = event_tags(tmp_path / "amp" / "tensorboard")
     for tag in ("train/loss_cdne", "train/loss_ce", "train/loss_quant"):
         value = tags[tag][0][1]

@@ -34,9 +34,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Bad flags get one line, like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(description, method_cls=None, epilog=None):
     """The flags of the published scripts (same names and defaults), ours, and the method's."""
-    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
     p.add_argument("--data", default=os.path.join(REPO_ROOT, "data"), help="folder holding the datasets")
     p.add_argument("--dataset", default="UCMerced", help="dataset folder under --data (digits: the offline demo)")
     p.add_argument("-b", "--batch-size", type=int, default=256, help="global batch size (split across GPUs)")

@@ -1,4 +1,4 @@
-"""Hashing network (SPEC section 2): a ResNet trunk, FC1 to L bits, FC2 to the classes."""
+"""Hashing network (docs/method.md section 2): a ResNet trunk, FC1 to L bits, FC2 to the classes."""
 import os
 import urllib.error
 

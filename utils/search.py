@@ -8,7 +8,7 @@ from .metrics import binarize
 @torch.no_grad()
 def hamming_topk(query_codes, db_codes, k, chunk_size=1024):
     """(distances, indices) of the k nearest database items of each query, ascending
-    Hamming distance, ties broken by database index (SPEC section 6)."""
+    Hamming distance, ties broken by database index (docs/method.md section 6)."""
     q, db = binarize(query_codes), binarize(db_codes).to(query_codes.device if torch.is_tensor(query_codes) else "cpu")
     L, k = q.shape[1], min(int(k), db.shape[0])
     dists, idxs = [], []

@@ -1,0 +1,181 @@
+"""What a user meets running and resuming: flags taken from the checkpoint, refused changes,
+a finished run left alone, one epoch numbering, the same run with any number of loader
+workers, --resume auto, the pipeline and AMP choices, and --help."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+MB = os.path.join(REPO, "train_MB", "main.py")
+MU = os.path.join(REPO, "train", "main.py")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def script(path, *args, cwd=None):
+    return subprocess.run([sys.executable, path, *args], capture_output=True, text=True, env=ENV, cwd=cwd,
+                          timeout=600)
+
+
+def one_error_line(proc):
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def first_epoch(tiny_root, tmp_path_factory):
+    """One epoch of CDNE(MB) with flags other than the defaults; the run folder."""
+    out = tmp_path_factory.mktemp("runs")
+    proc = script(MB, "--data", tiny_root, "--dataset", "digits", "--no-pretrained", "--img-size", "16", "--dim", "8",
+                  "-b", "16", "--lr", "0.02", "--memory-momentum", "0.3", "--num_workers", "0", "--device", "cpu",
+                  "--epochs", "1", "--out", str(out), "--name", "r")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out / "r"
+
+
+def test_resume_takes_the_runs_flags_from_the_checkpoint(first_epoch, tmp_path):
+    run = tmp_path / "r"
+    subprocess.run(["cp", "-r", str(first_epoch), str(run)], check=True)
+    # Nothing but the checkpoint and a longer run, from an unrelated folder.
+    proc = script(MB, "--resume", str(run / "checkpoint_last.pth"), "--epochs", "2", cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout and "after epoch 1" in proc.stdout
+    ckpt = torch.load(run / "checkpoint_last.pth", weights_only=True)
+    assert ckpt["epoch"] == 2
+    assert ckpt["args"]["lr"] == 0.02 and ckpt["args"]["dim"] == 8 and ckpt["args"]["memory_momentum"] == 0.3
+    assert ckpt["args"]["epochs"] == 2
+    # One epoch numbering: the console's best epoch is results.json's, and TensorBoard's steps count from 1.
+    results = json.loads((run / "results.json").read_text())
+    best = re.search(r"best epoch (\d+):", proc.stdout)
+    assert best and int(best.group(1)) == results["best_epoch"] and results["best_epoch"] in (1, 2)
+    assert f"epoch 2: val mAP@100" in proc.stdout
+
+
+def test_resume_refuses_flags_that_would_change_the_run(first_epoch):
+    last = first_epoch / "checkpoint_last.pth"
+    before = last.read_bytes()
+    line = one_error_line(script(MB, "--resume", str(last), "--dim", "16", "--lr", "0.02"))
+    assert "--dim 16 (the run's: 8)" in line and "--lr" not in line and "--learning-rate" not in line
+    assert "another --name" in line
+    assert last.read_bytes() == before
+
+
+def test_resuming_a_finished_run_changes_nothing(first_epoch):
+    files = ["args.json", "results.json", "checkpoint_last.pth", "checkpoint_best.pth"]
+    files += [os.path.join("tensorboard", f) for f in os.listdir(first_epoch / "tensorboard")]
+    before = {f: (first_epoch / f).read_bytes() for f in files}
+    proc = script(MB, "--resume", str(first_epoch / "checkpoint_last.pth"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "already trained 1 of 1 epochs" in proc.stdout and "nothing to do" in proc.stdout
+    assert {f: (first_epoch / f).read_bytes() for f in files} == before
+    assert sorted(os.listdir(first_epoch / "tensorboard")) == sorted(f.split(os.sep)[1] for f in files[4:])
+
+
+def test_resume_auto_starts_then_continues(tiny_root, tmp_path):
+    flags = ["--data", tiny_root, "--dataset", "digits", "--no-pretrained", "--img-size", "16", "--dim", "8",
+             "-b", "16", "--lr", "0.01", "--num_workers", "0", "--device", "cpu", "--out", str(tmp_path),
+             "--name", "auto", "--resume", "auto"]
+    first = script(MU, *flags, "--epochs", "1")
+    assert first.returncode == 0 and "resumed" not in first.stdout, first.stderr[-2000:]
+    second = script(MU, *flags, "--epochs", "2")
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-2000:]
+    assert torch.load(tmp_path / "auto" / "checkpoint_last.pth", weights_only=True)["epoch"] == 2
+    no_name = flags[:flags.index("--name")] + ["--resume", "auto"]
+    line = one_error_line(script(MU, *no_name))
+    assert "--resume auto needs --name" in line
+
+
+def test_the_run_does_not_depend_on_the_number_of_loader_workers(tiny_root, tmp_path):
+    common = ["--data", tiny_root, "--dataset", "digits", "--no-pretrained", "--img-size", "16", "--dim", "8",
+              "-b", "16", "--lr", "0.01", "--device", "cpu", "--epochs", "1", "--out", str(tmp_path)]
+    for workers in ("0", "2"):
+        proc = script(MB, *common, "--num_workers", workers, "--name", f"w{workers}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    a = json.loads((tmp_path / "w0" / "results.json").read_text())
+    b = json.loads((tmp_path / "w2" / "results.json").read_text())
+    assert a["val"]["mAP@100"] == b["val"]["mAP@100"] and a["test"] == b["test"]
+    wa = torch.load(tmp_path / "w0" / "checkpoint_last.pth", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "w2" / "checkpoint_last.pth", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_per_sample_augmentation_is_a_function_of_seed_epoch_and_index(tiny_root):
+    from utils.data import SceneDataset, train_transform
+    from utils.splits import PerSampleAugmentation
+
+    ds = PerSampleAugmentation(SceneDataset(tiny_root, "digits", "train", "png"), train_transform(16), seed=3)
+    first = ds[5]["img"]
+    torch.rand(100)  # the global RNG's state does not matter
+    assert torch.equal(ds[5]["img"], first)
+    ds.epoch = 1
+    assert not torch.equal(ds[5]["img"], first)
+
+
+def test_amp_is_refused_on_a_cpu_without_native_bfloat16(tiny_root, tmp_path, monkeypatch, capsys):
+    from conftest import load_script
+    from utils import flags
+    from utils.trainer import run
+
+    monkeypatch.setattr(flags, "cpu_supports_bf16", lambda: False)  # as on an AVX2-only processor
+    with pytest.raises(SystemExit) as stop:
+        run(load_script("train_MB").MemoryBankCDNE, "test",
+            ["--data", tiny_root, "--dataset", "digits", "--device", "cpu", "--amp", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("error: ") == 1 and "Traceback" not in err
+    assert "--amp" in err and "float32 without it" in err
+    assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+def test_the_bfloat16_check_reads_the_processor_flags(monkeypatch, tmp_path):
+    import builtins
+
+    from utils import flags
+
+    real_open = builtins.open
+    for text, expected in (("flags : fpu avx2 fma", False), ("flags : avx2 avx512f avx512_bf16", True),
+                           ("Features : fp asimd bf16", True)):
+        (tmp_path / "cpuinfo").write_text(text)
+        monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
+            tmp_path / "cpuinfo" if path == "/proc/cpuinfo" else path, *a, **k))
+        assert flags.cpu_supports_bf16() is expected, text
+
+
+def test_pipeline_auto_chooses_by_device_and_memory(monkeypatch):
+    import argparse
+
+    from utils import flags
+
+    args = argparse.Namespace(pipeline="auto", bands=3, img_size=256)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert flags.choose_pipeline(args, cpu, 1000)[0] == "pil"
+    monkeypatch.setattr(flags, "available_memory", lambda: 100 * 2**30)
+    pipeline, why = flags.choose_pipeline(args, cuda, 31_500)  # NWPU-RESISC45: 5.8 GiB
+    assert pipeline == "cached" and "5.8 GiB" in why
+    monkeypatch.setattr(flags, "available_memory", lambda: 8 * 2**30)
+    assert flags.choose_pipeline(args, cuda, 31_500)[0] == "pil"
+    assert flags.choose_pipeline(argparse.Namespace(pipeline="auto", bands=13, img_size=64), cuda, 10)[0] == "pil"
+    assert flags.choose_pipeline(argparse.Namespace(pipeline="pil", bands=3, img_size=64), cuda, 10)[0] == "pil"
+
+
+@pytest.mark.parametrize("path", [MB, MU, os.path.join(REPO, "baselines", "main.py")])
+def test_help_has_a_line_for_every_flag_and_each_default_once(path):
+    extra = ["--method", "triplet"] if "baselines" in path else []
+    text = script(path, *extra, "--help").stdout
+    from utils.flags import build_parser  # noqa: F401 - the scripts' parser is what --help printed
+    options = text[text.index("options:"):]
+    entries = re.split(r"\n  (?=-)", options)[1:]
+    assert len(entries) > 25
+    for entry in entries:
+        flag, _, help_text = entry.partition("  ")
+        assert help_text.strip(), f"{flag} has no help line"
+        assert entry.count("default") <= 1, entry
+    for flag in ("--epochs", "--seed", "--momentum", "--weight-decay", "--lr-step", "--lr-gamma"):
+        entry = next(e for e in entries if re.match(rf"{flag}\b", e))
+        assert "default" in entry, entry
+    assert text.count("\n  python ") >= 2  # the epilog's example commands

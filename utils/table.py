@@ -23,7 +23,6 @@ On a cluster: print the unfinished cells' commands, one a line, submit them, the
 import argparse
 import csv
 import json
-import math
 import os
 import shlex
 import statistics
@@ -32,6 +31,7 @@ import sys
 from collections import namedtuple
 
 from utils.errors import UserError, exit_on_user_error
+from utils.visualize import mAP_against_bits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = os.path.join(REPO, "baselines", "main.py")
@@ -62,7 +62,6 @@ PAPER = {ds: {m: dict(zip(PAPER_BITS, v)) for m, v in rows.items()} for ds, rows
 RESERVED = ("--data", "--dataset", "--dim", "--seed", "--out", "--name", "--resume", "--method")
 HEADER = ("Test mAP@100 (%), R = 100, database = train split, queries = test split. Each cell: ours "
           "(mean ± sample std over seeds, n = seeds), the paper's Table I value and ours minus the paper's.")
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 Cell = namedtuple("Cell", "method dataset bits seed")
 
 
@@ -286,87 +285,13 @@ def write_json(path, rows, failures=()):
                   fh, indent=2)
 
 
-def write_png(path, rows):
-    """mAP@100 against bits (log2 axis), one panel per dataset, one colour per method:
-    solid lines with filled dots are ours, dashed lines with rings the paper's."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    def font(size):
-        try:
-            return ImageFont.load_default(size=size)
-        except TypeError:  # Pillow < 10.1: one small bitmap font
-            return ImageFont.load_default()
-
-    small, big = font(14), font(18)
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    labels = list(dict.fromkeys(r["method"] for r in rows))
-    bits = sorted({r["bits"] for r in rows})
-    values = [v for r in rows for v in (r["mean"], r["paper"]) if v is not None]
-    lo = min(values, default=0.0)
-    step = next(s for s in (1, 2, 5, 10, 20) if (100 - lo) / s <= 8)
-    lo = min(math.floor(lo / step) * step, 100 - step)
-    pw, ph, left, top, right, bottom = 460, 360, 70, 50, 20, 60
-    entries = [(label, COLOURS[j % len(COLOURS)], False) for j, label in enumerate(labels)]
-    entries += [("ours", "black", False), ("the paper's Table I", "black", True)]
-    per_row = max(1, pw * len(datasets) // 230)
-    legend_h = 30 * math.ceil(len(entries) / per_row) + 20
-    img = Image.new("RGB", (pw * len(datasets), ph + legend_h), "white")
-    dr = ImageDraw.Draw(img)
-    x_lo, x_hi = math.log2(bits[0]), math.log2(bits[-1])
-    for i, d in enumerate(datasets):
-        x0, x1, y0, y1 = i * pw + left, (i + 1) * pw - right, top, ph - bottom
-
-        def px(b, x0=x0, x1=x1):  # one bit length: the middle; else log2 spacing, 10 px from the frame
-            return (x0 + x1) / 2 if x_hi == x_lo else x0 + 10 + (x1 - x0 - 20) * (math.log2(b) - x_lo) / (x_hi - x_lo)
-
-        def py(v, y0=y0, y1=y1):
-            return y1 - (y1 - y0) * (v - lo) / (100 - lo)
-        dr.text(((x0 + x1) / 2, 20), d, fill="black", font=big, anchor="mm")
-        for v in range(int(lo), 101, step):
-            dr.line([(x0, py(v)), (x1, py(v))], fill="#e6e6e6")
-            dr.text((x0 - 6, py(v)), str(v), fill="black", font=small, anchor="rm")
-        for b in bits:
-            dr.line([(px(b), y1), (px(b), y1 + 5)], fill="black")
-            dr.text((px(b), y1 + 8), str(b), fill="black", font=small, anchor="mt")
-        dr.rectangle([x0, y0, x1, y1], outline="black")
-        dr.text(((x0 + x1) / 2, y1 + 32), "bits (log scale)", fill="black", font=small, anchor="mt")
-        dr.text((x0 - 6, y0 - 8), "mAP@100 (%)", fill="black", font=small, anchor="ls")
-        for j, label in enumerate(labels):
-            colour = COLOURS[j % len(COLOURS)]
-            mine = [r for r in rows if r["dataset"] == d and r["method"] == label]
-            for field, dashed in (("paper", True), ("mean", False)):
-                pts = [(px(r["bits"]), py(r[field])) for r in mine if r[field] is not None]
-                for a, b in zip(pts, pts[1:]):
-                    _line(dr, a, b, colour, dashed)
-                for x, y in pts:
-                    dr.ellipse([x - 4, y - 4, x + 4, y + 4], outline=colour, width=2,
-                               fill="white" if dashed else colour)
-    for j, (label, colour, dashed) in enumerate(entries):
-        x, y = 20 + (j % per_row) * 230, ph + 10 + 30 * (j // per_row)
-        _line(dr, (x, y + 8), (x + 40, y + 8), colour, dashed)
-        dr.ellipse([x + 16, y + 4, x + 24, y + 12], outline=colour, width=2, fill="white" if dashed else colour)
-        dr.text((x + 50, y + 8), label, fill="black", font=small, anchor="lm")
-    img.save(path)
-
-
-def _line(draw, a, b, colour, dashed):
-    if not dashed:
-        draw.line([a, b], fill=colour, width=3)
-        return
-    n = max(1, int(math.dist(a, b) // 8))
-    for k in range(0, n, 2):  # every other 8-pixel piece
-        p, q = k / n, min(k + 1, n) / n
-        draw.line([(a[0] + (b[0] - a[0]) * p, a[1] + (b[1] - a[1]) * p),
-                   (a[0] + (b[0] - a[0]) * q, a[1] + (b[1] - a[1]) * q)], fill=colour, width=2)
-
-
 def write_report(folder, rows, failures=()):
     os.makedirs(folder, exist_ok=True)
     paths = {ext: os.path.join(folder, f"table.{ext}") for ext in ("md", "csv", "json", "png")}
     write_md(paths["md"], rows, failures)
     write_csv(paths["csv"], rows)
     write_json(paths["json"], rows, failures)
-    write_png(paths["png"], rows)
+    mAP_against_bits(paths["png"], rows)
     return paths
 
 

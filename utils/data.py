@@ -1,4 +1,4 @@
-"""Scene datasets in class folders, the SPEC section-1 split, and the transforms."""
+"""Scene datasets in class folders, the per-class split (docs/method.md, section 1), and the transforms."""
 import os
 import random
 
@@ -42,11 +42,75 @@ def split_files(files, split, seed=42):
     return {"train": files[:a], "val": files[a:b], "test": files[b:]}[split]
 
 
-def _found_extensions(class_dirs):
+def _found_extensions(dirs):
+    """The file extensions directly in the folders, e.g. [".jpg", ".txt"]."""
     exts = set()
-    for d in class_dirs:
+    for d in dirs:
         exts.update(os.path.splitext(f.name)[1].lower() for f in os.scandir(d) if f.is_file())
-    return ", ".join(sorted(e for e in exts if e)) or "none"
+    return sorted(e for e in exts if e)
+
+
+def _subdirs(folder):
+    return sorted(d.path for d in os.scandir(folder) if d.is_dir())
+
+
+def _no_images_error(folder, classes, class_dir, ext):
+    """The UserError for a class folder without .<ext> files. Unzipping often leaves the dataset one
+    level too deep (<data>/AID/AID/<class>/...): the fix is then the folder, not --imgEXT."""
+    # Folders such as __MACOSX or .ipynb_checkpoints are not where a dataset's classes are.
+    real = [os.path.join(folder, c) for c in classes if not c.startswith((".", "__"))]
+    if real and not any(list_images(d, ext) for d in real):
+        nested = [d for d in real if _subdirs(d)]
+        deeper = [s for d in nested for s in _subdirs(d)]
+        holds_ext = any(list_images(s, ext) for s in deeper)
+        if len(nested) == 1 and (holds_ext or len(real) == 1) and len(deeper) >= 2:
+            return _too_deep_error(folder, nested[0], ext, holds_ext)
+        if len(nested) >= 2 and holds_ext:
+            example = next(s for s in deeper if list_images(s, ext))
+            return UserError(f"the .{ext} images in {folder} are one level too deep: the class folders keep them "
+                             f"in sub-folders (e.g. {example}); move them up into the class folders "
+                             f"(<data>/<dataset>/<class>/<image>.{ext})")
+    found = _found_extensions([os.path.join(folder, c) for c in classes])
+    name = os.path.basename(class_dir)
+    if not found:
+        return UserError(f"class folder {class_dir} has no files; put the images of class {name} there "
+                         f"as <image>.{ext}, or remove the folder")
+    if "." + ext.lower().lstrip(".") in found:  # other classes have them: this folder is the odd one out
+        return UserError(f"class folder {class_dir} has no .{ext} files, unlike the other class folders; put "
+                         f"the .{ext} images of class {name} there, or remove the folder")
+    return UserError(f"class folder {class_dir} has no .{ext} files (extensions found in the dataset: "
+                     f"{', '.join(found)}); pass the right one with --imgEXT")
+
+
+def _too_deep_error(folder, inner, ext, holds_ext):
+    name, classes = os.path.basename(inner), _subdirs(inner)
+    shown = ", ".join(os.path.basename(c) for c in classes[:3]) + (", ..." if len(classes) > 3 else "")
+    found = [] if holds_ext else _found_extensions(classes)
+    if len(found) == 1:
+        also = f"; the images are {found[0]}: add --imgEXT {found[0][1:]}"
+    elif found:
+        also = f"; the images are {', '.join(found)}, not .{ext}: add the right --imgEXT"
+    else:
+        also = ""
+    return UserError(f"the dataset in {folder} is one level too deep: its folder {name} holds the "
+                     f"{len(classes)} class folders ({shown}); pass --data {folder} --dataset {name}, "
+                     f"or move the class folders from {inner} up into {folder}{also}")
+
+
+def unreadable(problem, fix="", broken=True):
+    """The UserError for an image that cannot be read as asked: `problem` names the file and what is
+    wrong, `fix` what to do; `broken` tells a damaged file (which --skip-bad-images may leave out)
+    from one of the wrong kind (where it would leave out every image). A plain UserError with these
+    as attributes, not a subclass: a DataLoader worker re-raises it as type(err)(message), and the
+    scripts fold a worker's traceback into one line by its "UserError: " line."""
+    err = UserError(f"{problem}; {fix}" if fix else problem)
+    err.problem, err.fix, err.broken = problem, fix, broken
+    return err
+
+
+def _broken(path, err):
+    return unreadable(f"cannot read image {path} ({err})",
+                      "replace or remove the file, or pass --skip-bad-images to leave unreadable files out")
 
 
 def read_rgb(path):
@@ -56,8 +120,11 @@ def read_rgb(path):
             img.load()
             return to_rgb8(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"cannot read image {path} ({err}); replace or remove the file, "
-                        "or pass --skip-bad-images to leave unreadable files out") from None
+        bands = _tiff_bands(path)
+        if bands is not None and bands not in (1, 3, 4):  # Pillow reads 1-, 3- and 4-band TIFFs itself
+            raise unreadable(f"image {path} is a {bands}-band TIFF, not an RGB image",
+                             f"pass --bands {bands} to read multi-band images", broken=False) from None
+        raise _broken(path, err) from None
 
 
 def to_rgb8(img):
@@ -98,9 +165,7 @@ class SceneDataset(Dataset):
         for label, class_dir in enumerate(class_dirs):
             files = list_images(class_dir, ext)
             if not files:
-                raise UserError(
-                    f"class folder {class_dir} has no .{ext} files (extensions found in the dataset: "
-                    f"{_found_extensions(class_dirs)}); pass the right one with --imgEXT")
+                raise _no_images_error(folder, self.classes, class_dir, ext)
             if int(0.7 * len(files)) == 0:
                 raise UserError(f"class folder {class_dir} has only {len(files)} .{ext} file(s), too few for a "
                                 "non-empty train split; it needs at least 2")
@@ -142,23 +207,107 @@ def eval_transform(size=256):
 def remove_unreadable(datasets):
     """Drop the samples whose image cannot be read from each dataset, in place
     (for --skip-bad-images); returns the unreadable paths. Indices are re-numbered,
-    so memory rows still run 0..N-1."""
+    so memory rows still run 0..N-1.
+
+    Raises a UserError when what is left cannot be used: no image at all, a train or test split
+    left empty, or a class left without train images (an empty val split only costs the choice
+    of the best epoch). The message names the likely fix, which is seldom skipping more."""
     from tqdm import tqdm
 
     paths = sorted({path for ds in datasets for path, _ in ds.samples})
-    bad = set()
+    bad = {}
     for path in tqdm(paths, desc="checking images", leave=False):
         try:
             read_image(path, datasets[0].bands)
-        except UserError:
-            bad.add(path)
+        except UserError as err:
+            bad[path] = err
+    before = [ds.samples for ds in datasets]
     for ds in datasets:
         ds.samples = [(p, y) for p, y in ds.samples if p not in bad]
         ds.labels = torch.tensor([y for _, y in ds.samples], dtype=torch.long)
+    if bad:
+        _check_usable(datasets, before, bad, len(paths))
     return sorted(bad)
 
 
+def _check_usable(datasets, before, bad, checked):
+    ds0 = datasets[0]
+    with_bands = f"with --bands {ds0.bands}"
+    if len(bad) == checked:
+        example = _example(bad.values())
+        raise UserError(f"every one of the {checked} .{ds0.ext} images was unreadable {with_bands} "
+                        f"(e.g. {_problem(example)}); {_fix(example, 'download or unpack the dataset again')}")
+    for ds, samples in zip(datasets, before):
+        if ds.split != "val" and samples and not ds.samples:
+            example = _example(bad[p] for p, _ in samples)
+            raise UserError(f"every {ds.split} image was unreadable {with_bands}, so --skip-bad-images left the "
+                            f"{ds.split} split empty (e.g. {_problem(example)}); "
+                            f"{_fix(example, 'replace the damaged files, or download the dataset again')}")
+        if ds.split == "train":
+            left = set(ds.labels.tolist())
+            for label, name in enumerate(ds.classes):
+                if label not in left:
+                    class_dir = os.path.join(ds.root, ds.dataset, name)
+                    example = _example(bad[p] for p, y in samples if y == label)
+                    raise UserError(
+                        f"every train image of class {name} was unreadable {with_bands}, so --skip-bad-images "
+                        f"left the class without train images (e.g. {_problem(example)}); "
+                        f"{_fix(example, f'replace the damaged images in {class_dir}, or remove that folder')}")
+
+
+def _example(errors):
+    """The error to show: one of the wrong kind of file if any, as its fix is the likely one for all."""
+    errors = list(errors)
+    return next((e for e in errors if not getattr(e, "broken", True)), errors[0])
+
+
+def _problem(err):
+    return getattr(err, "problem", str(err))
+
+
+def _fix(example, broken_fix):
+    if not getattr(example, "broken", True):
+        return example.fix
+    return f"the files are damaged or not images (a failed download often saves an error page): {broken_fix}"
+
+
 # ----------------------------------------------------------------------------- multispectral
+
+TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
+MULTIBAND_FIX = ("--bands other than 3 reads multi-band .tif files: pass --bands 3 for RGB images, "
+                 "or point --imgEXT/--dataset at the multi-band .tif files")
+
+
+def _is_tiff(path):
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) in TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def _tiff_bands(path):
+    """The number of bands of a TIFF that tifffile can read, else None."""
+    import tifffile
+
+    if not _is_tiff(path):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return tif.pages[0].samplesperpixel
+    except Exception:  # noqa: BLE001 - a damaged TIFF has no band count to report
+        return None
+
+
+def _band_count(shape, bands):
+    """Bands of an H x W (1), H x W x C or C x H x W array (C: the axis that matches `bands`,
+    else the shorter end one), else None."""
+    if len(shape) == 2:
+        return 1
+    if len(shape) == 3:
+        return bands if bands in (shape[0], shape[-1]) else min(shape[0], shape[-1])
+    return None
+
 
 def read_multiband(path, bands):
     """A multi-band image (e.g. EuroSAT's 13-band Sentinel-2 GeoTIFF) as a float tensor C x H x W."""
@@ -167,16 +316,40 @@ def read_multiband(path, bands):
 
     try:
         arr = tifffile.imread(path)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
-        raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); replace or remove the file, "
-                        "or pass --skip-bad-images to leave unreadable files out") from None
+    except Exception as err:  # noqa: BLE001 - sorted out below: wrong kind of file, or a damaged one
+        raise _multiband_read_error(path, err) from None
+    n = _band_count(arr.shape, bands)
+    if n != bands:
+        if n is None:
+            raise unreadable(f"image {path} has array shape {arr.shape}, not {bands} bands "
+                             "(H x W x bands or bands x H x W)", MULTIBAND_FIX, broken=False)
+        fix = MULTIBAND_FIX if n == 3 else (f"pass --bands {n} if every image has {n}, or point "
+                                            f"--imgEXT/--dataset at the {bands}-band .tif files")
+        raise unreadable(f"image {path} has {n} band{'s' * (n != 1)} (array shape {arr.shape}), "
+                         f"not {bands} bands", fix, broken=False)
     if arr.ndim == 2:
         arr = arr[None]
-    elif arr.ndim == 3 and arr.shape[-1] == bands and arr.shape[0] != bands:
+    elif arr.shape[-1] == bands and arr.shape[0] != bands:
         arr = arr.transpose(2, 0, 1)  # H x W x C (the usual GeoTIFF layout) -> C x H x W
-    if arr.ndim != 3 or arr.shape[0] != bands:
-        raise UserError(f"image {path} has shape {arr.shape}, not {bands} bands; pass the right --bands")
     return torch.from_numpy(np.ascontiguousarray(arr).astype(np.float32))
+
+
+def _multiband_read_error(path, err):
+    """A file tifffile cannot read: an image of another kind (PNG, JPEG, ...), a TIFF that needs a
+    codec, or a damaged file; only the last is a case for --skip-bad-images."""
+    if _is_tiff(path):
+        if "imagecodecs" in str(err):
+            return unreadable(f"cannot decode the compressed TIFF {path} ({err})",
+                              "install the codecs with `pip install imagecodecs`", broken=False)
+        return _broken(path, f"{type(err).__name__}: {err}")
+    try:
+        with Image.open(path) as img:
+            kind = img.format
+    except Exception:  # noqa: BLE001 - neither a TIFF nor any image Pillow knows: damaged
+        kind = None
+    if kind is None:
+        return _broken(path, f"{type(err).__name__}: {err}")
+    return unreadable(f"image {path} is a {kind} image, not a multi-band TIFF", MULTIBAND_FIX, broken=False)
 
 
 def band_statistics(dataset):
@@ -184,6 +357,9 @@ def band_statistics(dataset):
     the checkpoint so that later runs and evaluation normalise alike)."""
     from tqdm import tqdm
 
+    if not dataset.samples:
+        raise UserError(f"the {dataset.split} split of {os.path.join(dataset.root, dataset.dataset)} has no "
+                        f"images, so there are no band statistics to compute; check --data, --dataset and --imgEXT")
     total = total_sq = None
     count = 0
     for path, _ in tqdm(dataset.samples, desc="band statistics", leave=False):

@@ -1,5 +1,7 @@
 """The splits of a run and how they are batched: one epoch's order comes from (seed, epoch)."""
+import atexit
 import copy
+import multiprocessing
 import os
 import signal
 
@@ -81,6 +83,14 @@ def ignore_stop_signals(_=None):
         signal.signal(s, signal.SIG_IGN)
 
 
+@atexit.register
+def _kill_leftover_workers():
+    """Loader workers that an error left running are killed at exit. multiprocessing's own exit
+    handler would send them SIGTERM, which they ignore, and wait for them forever."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+
+
 def _loader(dataset, batches, args, epoch=0):
     # Own generator: worker seeds follow from (seed, epoch, rank), and the global RNG is not consumed.
     g = torch.Generator().manual_seed(args.seed * 7919 + epoch + 1_000_003 * dist.rank())
@@ -104,15 +114,15 @@ class Splits:
                                            for split in ("train", "val", "test"))
         self.db = copy.copy(self.train)  # the same samples as the database, with the eval transform
         self.classes = self.train.classes
-        if len(self.val) == 0 and dist.is_main():
-            print("warning: the val split is empty (classes of fewer than 10 images); the best epoch "
-                  "cannot be chosen and stays the first evaluated one")
         if args.skip_bad_images:
             bad = remove_unreadable([self.train, self.db, self.val, self.test])
             if dist.is_main():
                 for path in bad[:20]:
                     print(f"warning: skipping unreadable image {path}")
                 print(f"skipped {len(bad)} unreadable image(s)" + (" (first 20 listed)" if len(bad) > 20 else ""))
+        if len(self.val) == 0 and dist.is_main():
+            print("warning: the val split is empty (classes of fewer than 10 images); the best epoch "
+                  "cannot be chosen and stays the first evaluated one")
         self.band_stats = None
         if bands == 3:
             train_tf, eval_tf = train_transform(S), eval_transform(S)

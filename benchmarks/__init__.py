@@ -1,1 +1,2 @@
-"""Benchmarks and the numpy reference metrics (importable by the tests as `benchmarks.reference_metrics`)."""
+"""Benchmarks of the fast paths (bench_metrics, bench_speed; docs/benchmarks_fastpaths.md) and a GPU
+training check (gpu_check)."""

@@ -1,4 +1,4 @@
-"""The cached, batched input pipeline against the per-image torchvision/Pillow transforms."""
+"""The cached, batched input pipeline against torchvision's per-image functional ops and the Pillow pipeline."""
 import pytest
 import torch
 from torchvision.transforms import functional as TF
@@ -137,48 +137,27 @@ def uint8_colourful(n=12, size=20, seed=0):
     return (colourful(n, size, seed) * 255).round().to(torch.uint8)
 
 
-@pytest.mark.parametrize("op, ref_op, factors", [
-    (fd.brightness_u8_, TF.adjust_brightness, [0.6, 0.77, 1.0, 1.23, 1.4]),
-    (fd.contrast_u8_, TF.adjust_contrast, [0.6, 0.77, 1.0, 1.23, 1.4]),
-    (fd.saturation_u8_, TF.adjust_saturation, [0.6, 0.77, 1.0, 1.23, 1.4]),
-    (fd.hue_u8_, TF.adjust_hue, [-0.5, -0.4, -0.13, -0.001, 0.0, 0.001, 0.29, 0.4, 0.5]),
-])
-def test_uint8_jitter_op_equals_torchvision_on_pillow_images(op, ref_op, factors):
-    for img in uint8_colourful(n=6):
-        for f in factors:
-            ref = TF.pil_to_tensor(ref_op(TF.to_pil_image(img), f))
-            assert torch.equal(op(img.clone(), f), ref), (op.__name__, f)
-
-
-def test_uint8_grayscale_equals_pillow():
-    for img in uint8_colourful(n=6):
-        ref = TF.pil_to_tensor(TF.rgb_to_grayscale(TF.to_pil_image(img), num_output_channels=3))
-        assert torch.equal(fd.grayscale_u8_(img.clone()), ref)
-
-
-def test_luma_u8_is_pillows_convert_L_on_all_colours():
-    to_hsv, _ = fd.hsv_tables()
-    c = torch.arange(0, 1 << 24, 97, dtype=torch.int32)  # a spread of 173,000 colours
-    rgb = torch.stack([c >> 16, (c >> 8) & 255, c & 255]).view(3, 1, -1)
-    ref = TF.pil_to_tensor(TF.to_pil_image(rgb.to(torch.uint8)).convert("L"))
-    assert torch.equal(fd.luma_u8(rgb).to(torch.uint8), ref[0])
-
-
-def test_cpu_augment_batch_equals_train_transform_ops_on_pillow_images(cache):
-    # On the CPU, for the same random choices, augment_batch gives what train_transform's
-    # RandomGrayscale, ColorJitter, RandomHorizontalFlip, ToTensor and Normalize give.
+def test_augment_batch_equals_torchvision_per_image(cache):
+    # The definition: for the same random choices, torchvision's functional ops on each float image.
     x = torch.cat([cache.images[:9], uint8_colourful(n=9, size=SIZE)])
     params = fd.sample_augmentation(len(x), torch.Generator().manual_seed(5))
-    params["grayscale"][:4] = torch.tensor([True, False, True, False])
     out = fd.augment_batch(x, torch.Generator().manual_seed(5))
-    ref = pil_reference(x, fd.sample_augmentation(len(x), torch.Generator().manual_seed(5)))
-    assert torch.allclose(out, ref, rtol=0, atol=2e-6)
-    out = fd._augment_cpu(x, params)
-    assert torch.allclose(out, pil_reference(x, params), rtol=0, atol=2e-6)
+    ref = torch.stack([TF.normalize(torchvision_choices(img.float() / 255, params, i), IMAGENET_MEAN, IMAGENET_STD)
+                       for i, img in enumerate(x)])
+    assert torch.allclose(out, ref, rtol=0, atol=2e-5)
     # Same seed, same batch; another seed, another batch.
-    assert torch.equal(fd.augment_batch(x, torch.Generator().manual_seed(5)),
-                       fd.augment_batch(x, torch.Generator().manual_seed(5)))
+    assert torch.equal(fd.augment_batch(x, torch.Generator().manual_seed(5)), out)
     assert not torch.equal(out, fd.augment_batch(x, torch.Generator().manual_seed(6)))
+
+
+def test_augment_batch_is_the_pillow_pipeline_up_to_its_8_bit_rounding():
+    # train_transform rounds to 8 bits after each op (Pillow images): the same choices give
+    # images that differ by a pixel's rounding, about 1.5/255 on average, never by a choice.
+    x = uint8_colourful(n=16, size=SIZE, seed=4)
+    params = fd.sample_augmentation(len(x), torch.Generator().manual_seed(3))
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    diff = ((fd._augment(x, params) - pil_reference(x, params)) * std * 255).abs()
+    assert diff.mean() < 3 and diff.amax(dim=(1, 2, 3)).max() < 40
 
 
 def test_augment_batch_shape_dtype_range_over_several_sub_batches():
@@ -258,50 +237,3 @@ def test_cached_batches_reiterates_a_sampler(cache):
     epoch1 = torch.cat([b["idx"] for b in loader])
     epoch2 = torch.cat([b["idx"] for b in loader])
     assert sorted(epoch1.tolist()) == sorted(epoch2.tolist()) == list(range(len(cache)))  # last partial batch kept
-
-
-def test_float_luma_is_pillows_convert_L_on_all_colours():
-    c = torch.arange(0, 1 << 24, 97, dtype=torch.int32)
-    rgb = torch.stack([c >> 16, (c >> 8) & 255, c & 255]).view(3, 1, -1)
-    ref = TF.pil_to_tensor(TF.to_pil_image(rgb.to(torch.uint8)).convert("L"))
-    assert torch.equal(fd._luma_f(rgb.float()).to(torch.uint8), ref[0])
-
-
-def test_is_gray():
-    for size in (24, 21):  # 21 * 21 pixels: not a multiple of 8, the bytewise compare
-        x = uint8_colourful(n=6, size=size)
-        assert not fd._is_gray(x[1])
-        gray = x[1, :1].expand(3, -1, -1).contiguous()
-        assert fd._is_gray(gray)
-        gray[2, -1, -1] ^= 1
-        assert not fd._is_gray(gray)
-
-
-def test_cpu_augment_of_gray_images_and_odd_sizes_equals_pillow():
-    # Gray images (unflagged: the one-plane shortcut, where saturation and hue are identities),
-    # flagged ones, colour ones, at a size that is not a multiple of 8 pixels, each op at each position.
-    x = uint8_colourful(n=24, size=21, seed=3)
-    x[:12] = x[:12, :1]
-    params = fd.sample_augmentation(len(x), torch.Generator().manual_seed(7))
-    params["order"] = torch.stack([torch.roll(torch.arange(4), i) for i in range(4)] * 6)
-    params["grayscale"][:] = torch.arange(len(x)) % 3 == 0
-    out = fd._augment_cpu(x, params)
-    assert torch.allclose(out, pil_reference(x, params), rtol=0, atol=2e-6)
-
-
-def test_hue_tables_equal_pillows_hsv_conversions_on_all_inputs():
-    to_hsv, to_rgb = fd.hsv_tables()  # Pillow's convert("HSV") / convert("RGB") over all 2**24 inputs
-    hue_shl8, sat, weights = fd.hue_tables()
-    v = torch.arange(256, dtype=torch.float64)
-    for start in range(0, 1 << 24, 1 << 20):
-        c = torch.arange(start, start + (1 << 20), dtype=torch.int32)
-        r, g, b = c >> 16, (c >> 8) & 255, c & 255
-        hsv = to_hsv[c]
-        assert torch.equal(hue_shl8[(r - g + 255) * 511 + (g - b + 255)] >> 8, hsv >> 16)
-        vmax, vmin = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
-        assert torch.equal(sat[vmax * 256 + vmin], (hsv >> 8) & 255)
-        hs = c[::256] >> 8  # the h << 8 | s of this chunk, each with all 256 values of v
-        ref = to_rgb[c].view(-1, 256)
-        for ch in range(3):
-            out = (weights[ch][hs].view(-1, 1) * v.view(1, -1)).round_()
-            assert torch.equal(out, ((ref >> (8 * ch)) & 255).double()), ch

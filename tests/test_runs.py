@@ -179,3 +179,21 @@ def test_help_has_a_line_for_every_flag_and_each_default_once(path):
         entry = next(e for e in entries if re.match(rf"{flag}\b", e))
         assert "default" in entry, entry
     assert text.count("\n  python ") >= 2  # the epilog's example commands
+
+
+def test_cached_pipeline_draws_each_images_augmentation_from_its_own_seed(tiny_root):
+    from utils.data import SceneDataset
+    from utils.fast_data import CachedBatches, CachedImages
+
+    cache = CachedImages(SceneDataset(tiny_root, "digits", "train", "png"), 16, progress=False)
+
+    def images(batches, workers=0, epoch=1):
+        out = {}
+        for batch in CachedBatches(cache, batches, augment=True, seed=5, epoch=epoch, num_workers=workers):
+            out.update({int(i): img for i, img in zip(batch["idx"], batch["img"])})
+        return out
+
+    a = images([[0, 1, 2, 3, 4, 5]])
+    b = images([[5, 3], [1, 0, 4], [2]], workers=1)
+    assert all(torch.equal(a[i], b[i]) for i in a)
+    assert not all(torch.equal(a[i], images([[0, 1, 2, 3, 4, 5]], epoch=2)[i]) for i in a)

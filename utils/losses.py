@@ -1,4 +1,4 @@
-"""CDNE loss (class-discriminated neighbourhood embedding) and quantisation loss (SPEC section 4)."""
+"""CDNE loss (class-discriminated neighbourhood embedding) and quantisation loss (docs/method.md section 4)."""
 
 import torch
 import torch.nn as nn
@@ -63,7 +63,10 @@ class QuantizationLoss(nn.Module):
 # of thousands that is gigabytes. The chunked version streams over the memory,
 # keeps a running log-sum-exp of the positives and of the negatives of every
 # row, and recomputes each chunk's scores in the backward pass, so it only ever
-# holds B x chunk_size temporaries.
+# holds B x chunk_size temporaries. Measured on a 2-core CPU, forward + backward at
+# B = 256, L = 128 (docs/benchmarks_fastpaths.md): the same time as CDNELoss, and
+# peak memory 150-180 MB against 0.4 GB at N = 2^16 + 1 (where the engine switches),
+# 2.2 GB at N = 400,000 and 5.4 GB at N = 10^6.
 
 # Elements of one B x chunk temporary that chunk_size=None aims for; a pass holds a handful
 # of them. 16 MiB of float32 on the CPU; 64 MiB on a GPU, where each chunk costs a few dozen

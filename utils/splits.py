@@ -153,7 +153,7 @@ class Splits:
         if "train" in self.cache:
             from .fast_data import CachedBatches
             return CachedBatches(self.cache["train"], self.train_batches, self.args.device_obj, augment=True,
-                                 num_workers=self.args.num_workers)
+                                 num_workers=self.args.num_workers, seed=self.args.seed, epoch=epoch)
         self.train_augmented.epoch = epoch
         return _loader(self.train_augmented, self.train_batches, self.args, epoch)
 

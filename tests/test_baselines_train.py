@@ -19,10 +19,14 @@ def baseline(*args):
     return subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True, env=ENV, timeout=600)
 
 
-@pytest.mark.parametrize("method,name", [("dpsh", "DPSH"), ("triplet", "Triplet"), ("dhcnn", "DHCNN")])
-def test_trained_methods_learn_on_digits(method, name, digits_root, tmp_path):
+# DHCNN's pairwise term over the batch alone has gradients N/B times those of DPSH's (which
+# averages over the whole train set); at lr 0.01 from random init its codes collapse on the demo
+# (docs/benchmarks.md section 3), at 0.001 it learns.
+@pytest.mark.parametrize("method,name,lr", [("dpsh", "DPSH", "0.01"), ("triplet", "Triplet", "0.01"),
+                                          ("dhcnn", "DHCNN", "0.001")])
+def test_trained_methods_learn_on_digits(method, name, lr, digits_root, tmp_path):
     proc = baseline("--method", method, "--data", digits_root, "--dataset", "digits", "--epochs", "2", "-b", "32",
-                    "--lr", "0.01", "--out", str(tmp_path), "--name", "b", *FAST)
+                    "--lr", lr, "--out", str(tmp_path), "--name", "b", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "b"
     assert sorted(os.listdir(run)) == ["args.json", "checkpoint_best.pth", "checkpoint_last.pth", "results.json",

@@ -102,8 +102,8 @@ def test_multispectral_training_end_to_end(tmp_path):
     assert ckpt["config"]["band_mean"] == sorted(ckpt["config"]["band_mean"])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0 <= results["test"]["mAP@100"] <= 1
-    # Resuming a 13-band checkpoint as RGB is another configuration.
-    proc = subprocess.run(cmd[:cmd.index("--bands")] + cmd[cmd.index("--bands") + 2:]
+    # Resuming a 13-band run as RGB would change the run: refused.
+    proc = subprocess.run(cmd[:cmd.index("--bands")] + ["--bands", "3"] + cmd[cmd.index("--bands") + 2:]
                           + ["--resume", str(tmp_path / "run" / "checkpoint_last.pth"), "--epochs", "2"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "in_channels=13" in proc.stderr
+    assert proc.returncode == 2 and "--bands 3 (the run's: 13)" in proc.stderr

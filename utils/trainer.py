@@ -53,7 +53,7 @@ class Trainer:
         if dist.is_distributed():
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            seed_everything(args.seed + dist.rank())  # different augmentations on each rank
+            seed_everything(args.seed + dist.rank())  # own streams per rank (augmentations draw from per-sample seeds)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                          weight_decay=args.weight_decay, nesterov=True)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.lr_step, gamma=args.lr_gamma)

@@ -32,7 +32,6 @@ import io
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -213,7 +212,7 @@ def bench_pipeline(args):
     from torch.utils.data import DataLoader, RandomSampler
 
     from utils.data import SceneDataset, train_transform
-    from utils.fast_data import CachedBatches, CachedImages
+    from utils.fast_data import CachedImages
 
     if args.threads:
         torch.set_num_threads(args.threads)

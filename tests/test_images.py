@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from utils.data import SceneDataset, band_statistics, read_multiband, read_rgb
+from utils.data import SceneDataset, read_rgb
+from utils.multiband import band_statistics, read_multiband
 from utils.errors import UserError
 from utils.models import HashingNet
 

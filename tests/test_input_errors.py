@@ -10,7 +10,8 @@ import tifffile
 from PIL import Image
 
 from conftest import REPO
-from utils.data import SceneDataset, band_statistics, read_multiband, read_rgb, remove_unreadable, unreadable
+from utils.data import SceneDataset, read_rgb, remove_unreadable, unreadable
+from utils.multiband import band_statistics, read_multiband
 from utils.errors import UserError
 
 MB = os.path.join(REPO, "train_MB", "main.py")

@@ -54,7 +54,7 @@ def test_resume_takes_the_runs_flags_from_the_checkpoint(first_epoch, tmp_path):
     results = json.loads((run / "results.json").read_text())
     best = re.search(r"best epoch (\d+):", proc.stdout)
     assert best and int(best.group(1)) == results["best_epoch"] and results["best_epoch"] in (1, 2)
-    assert f"epoch 2: val mAP@100" in proc.stdout
+    assert "epoch 2: val mAP@100" in proc.stdout
 
 
 def test_resume_refuses_flags_that_would_change_the_run(first_epoch):
@@ -167,7 +167,6 @@ def test_pipeline_auto_chooses_by_device_and_memory(monkeypatch):
 def test_help_has_a_line_for_every_flag_and_each_default_once(path):
     extra = ["--method", "triplet"] if "baselines" in path else []
     text = script(path, *extra, "--help").stdout
-    from utils.flags import build_parser  # noqa: F401 - the scripts' parser is what --help printed
     options = text[text.index("options:"):]
     entries = re.split(r"\n  (?=-)", options)[1:]
     assert len(entries) > 25

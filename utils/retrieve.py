@@ -24,11 +24,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt_io
-from .data import SceneDataset, eval_transform, multiband_eval_transform, read_image, remove_unreadable
+from .data import SceneDataset, eval_transform, read_image, remove_unreadable
 from .evaluation import encode, score
 from .flags import REPO_ROOT, image_extension, select_device
 from .errors import UserError, exit_on_user_error
 from .models import HashingNet
+from .multiband import multiband_eval_transform
 from .search import hamming_topk
 from .visualize import retrieval_grid
 

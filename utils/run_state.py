@@ -112,8 +112,10 @@ def resume_args(parser, argv, args):
     given = given_flags(parser, argv)
     names = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
 
-    def differs(k):
+    def differs(k):  # against the stored value, which is the resolved one
         value = getattr(args, k)
+        if k == "pipeline" and value == "auto":
+            return False
         return (value.lstrip(".") if k == "imgEXT" and value else value) != saved[k]
 
     clashes = [f"{names.get(k, k)} {getattr(args, k)!r} (the run's: {saved[k]!r})" for k in sorted(given)

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist
-from .data import (SceneDataset, band_statistics, eval_transform, multiband_eval_transform,
-                   multiband_train_transform, remove_unreadable, train_transform)
+from .data import SceneDataset, eval_transform, remove_unreadable, train_transform
+from .multiband import band_statistics, multiband_eval_transform, multiband_train_transform
 from .digits import make_digits
 from .flags import choose_pipeline
 

@@ -5,7 +5,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .data import read_multiband, read_rgb
+from .data import read_rgb
+from .multiband import read_multiband
 
 GREEN, RED, GREY = (40, 170, 60), (210, 40, 40), (150, 150, 150)
 

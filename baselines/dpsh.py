@@ -24,6 +24,7 @@ class DPSH(Method):
     (the buffer U), plus eta times the quantisation loss. No classification head."""
 
     name = "DPSH"
+    uses_logits = False
 
     def __init__(self, args, model, train_labels):
         super().__init__(args, model, train_labels)

@@ -7,7 +7,6 @@ run folder, checkpoints, resume and results.json).
 
 lsh and itq train nothing: they hash the ImageNet backbone's features (baselines/features.py).
 """
-import argparse
 import os
 import sys
 
@@ -17,6 +16,7 @@ from baselines.dhcnn import DHCNN  # noqa: E402
 from baselines.dpsh import DPSH  # noqa: E402
 from baselines.features import ITQ, LSH, run_features  # noqa: E402
 from baselines.triplet import Triplet  # noqa: E402
+from utils.flags import ArgumentParser  # noqa: E402
 from utils.trainer import run  # noqa: E402
 
 METHODS = {"lsh": LSH, "itq": ITQ, "dpsh": DPSH, "triplet": Triplet, "dhcnn": DHCNN}
@@ -31,7 +31,7 @@ DESCRIPTIONS = {
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    pick = argparse.ArgumentParser(add_help=False)
+    pick = ArgumentParser(add_help=False)
     pick.add_argument("--method", choices=sorted(METHODS))
     chosen, _ = pick.parse_known_args(argv)
     if chosen.method is None:

@@ -40,6 +40,7 @@ class Triplet(Method):
     Keeps no state; codes are sign(u) as for every method."""
 
     name = "Triplet"
+    uses_logits = False
 
     def __init__(self, args, model, train_labels):
         super().__init__(args, model, train_labels)

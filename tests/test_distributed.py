@@ -60,3 +60,17 @@ def test_distributed_resume_continues_exactly(tmp_path):
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k].double(), b["model"][k].double(), rtol=0, atol=1e-6, msg=k)
     torch.testing.assert_close(a["method"]["memory.memory"], b["method"]["memory.memory"], rtol=0, atol=1e-6)
+
+
+def test_a_method_without_a_classifier_trains_under_torchrun(tiny_root, tmp_path):
+    """DPSH never uses FC2: DDP needs that layer frozen, or the second step fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "baselines", "main.py"), "--method", "dpsh", "--data", tiny_root, "--dataset", "digits",
+           "--epochs", "1", "-b", "16", "--lr", "0.01", "--out", str(tmp_path), "--name", "dpsh", "--no-pretrained",
+           "--img-size", "16", "--dim", "8", "--num_workers", "0", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "dpsh" / "checkpoint_last.pth", weights_only=True)
+    assert ckpt["fingerprints"][0] == ckpt["fingerprints"][1]  # U identical on both ranks
+    assert ckpt["method"]["U"].abs().sum(1).gt(0).all()  # every row written

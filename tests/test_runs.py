@@ -72,7 +72,7 @@ def test_resuming_a_finished_run_changes_nothing(first_epoch):
     before = {f: (first_epoch / f).read_bytes() for f in files}
     proc = script(MB, "--resume", str(first_epoch / "checkpoint_last.pth"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "already trained 1 of 1 epochs" in proc.stdout and "nothing to do" in proc.stdout
+    assert "is finished after 1 of 1 epochs" in proc.stdout and "nothing to do" in proc.stdout
     assert {f: (first_epoch / f).read_bytes() for f in files} == before
     assert sorted(os.listdir(first_epoch / "tensorboard")) == sorted(f.split(os.sep)[1] for f in files[4:])
 

@@ -101,9 +101,10 @@ def check_args(args):
     for flag, value in non_negative.items():
         if not value >= 0:
             raise UserError(f"{flag} must be 0 or more, got {value}")
-    momentum = getattr(args, "memory_momentum", None)
-    if momentum is not None and not 0 <= momentum <= 1:
-        raise UserError(f"--memory-momentum must be in [0, 1], got {momentum}")
+    for flag in ("memory_momentum", "key_momentum"):
+        value = getattr(args, flag, None)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
     if len(getattr(args, "momentum_epochs", ())) != len(getattr(args, "momentum_values", ())):
         raise UserError("--momentum-epochs and --momentum-values must have as many entries each")
     if args.bands != 3 and args.pipeline == "cached":

@@ -25,8 +25,8 @@ def main(argv=None):
     try:
         torchrun(argv)
     except SignalException as stop:
-        print(f"launcher: stopped by {stop.sigval.name}; the training processes saved a checkpoint "
-              "(see their last lines)", file=sys.stderr)
+        print(f"launcher: stopped by {stop.sigval.name}; the training processes were asked to save a "
+              "checkpoint and stop (their last lines say where)", file=sys.stderr)
         return 128 + int(stop.sigval)
     return 0
 

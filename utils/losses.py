@@ -37,7 +37,8 @@ class CDNELoss(nn.Module):
 
     def __init__(self, labels, margin=0.0, temperature=0.05):
         super().__init__()
-        self.register_buffer("labels", torch.as_tensor(labels, dtype=torch.long).clone())
+        # Data, not state: moved with the module, not saved in checkpoints.
+        self.register_buffer("labels", torch.as_tensor(labels, dtype=torch.long).clone(), persistent=False)
         self.margin = float(margin)
         self.temperature = float(temperature)
 

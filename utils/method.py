@@ -50,6 +50,7 @@ class Method(nn.Module):
     """
 
     name = "?"  # the run-folder prefix and the checkpoint's "variant"
+    uses_logits = True  # False: the classifier FC2 is frozen (no gradient would reach it)
 
     def __init__(self, args, model, train_labels):
         super().__init__()

@@ -12,6 +12,7 @@ from . import distributed as dist
 from .data import SceneDataset, eval_transform, remove_unreadable, train_transform
 from .multiband import band_statistics, multiband_eval_transform, multiband_train_transform
 from .digits import make_digits
+from .errors import UserError
 from .flags import choose_pipeline
 
 
@@ -87,8 +88,13 @@ def ignore_stop_signals(_=None):
 def _kill_leftover_workers():
     """Loader workers that an error left running are killed at exit. multiprocessing's own exit
     handler would send them SIGTERM, which they ignore, and wait for them forever."""
-    for worker in multiprocessing.active_children():
+    workers = multiprocessing.active_children()
+    if workers:
+        # The loader's SIGCHLD handler would report the kills as a crash, with a traceback.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
         worker.kill()
+        worker.join(timeout=5)
 
 
 def _loader(dataset, batches, args, epoch=0):
@@ -103,8 +109,9 @@ class Splits:
     transform), their batchers and the chosen input pipeline."""
 
     def __init__(self, args, band_stats=None):
-        if args.dataset == "digits" and not os.path.isdir(os.path.join(args.data, "digits")):
-            if dist.is_main():
+        if args.dataset == "digits":
+            # Every rank meets the barrier: a rank that looked after rank 0 made the folder must too.
+            if dist.is_main() and not os.path.isdir(os.path.join(args.data, "digits")):
                 print(f"creating the digits demo dataset in {os.path.join(args.data, 'digits')}")
                 make_digits(args.data)
             dist.barrier()
@@ -136,9 +143,17 @@ class Splits:
             ds.transform = eval_tf
         rank, world = dist.rank(), dist.world_size()
         # ResNet's last feature maps are 1x1 below 64x64 input: BatchNorm then needs 2 samples.
+        need = (2 if args.img_size < 64 else 1) * world
+        if args.batch_size < need:
+            raise UserError(f"--batch-size {args.batch_size} gives some GPU/process fewer than "
+                            f"{need // world} sample(s) per step; use -b {need} or more")
         self.train_batches = EpochBatches(len(self.train), args.batch_size, True, args.seed, rank, world,
                                           min_per_rank=2 if args.img_size < 64 else 1)
-        args.pipeline, why = choose_pipeline(args, args.device_obj, len(self.train) + len(self.val) + len(self.test))
+        # Rank 0 decides for all: free memory differs from rank to rank as their caches fill.
+        choice = [choose_pipeline(args, args.device_obj, len(self.train) + len(self.val) + len(self.test))]
+        if dist.is_distributed():
+            torch.distributed.broadcast_object_list(choice, src=0)
+        args.pipeline, why = choice[0]
         if dist.is_main():
             print(f"input pipeline: {args.pipeline} ({why})")
         self.cache = {}

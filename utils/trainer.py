@@ -43,19 +43,23 @@ class Trainer:
 
         # Identical initial weights and method state on every rank; DDP also broadcasts rank 0's.
         seed_everything(args.seed)
-        pretrained = args.weights or (not args.no_pretrained)
+        # A resumed run loads its own weights: no download, no --weights file needed.
+        pretrained = False if resume is not None else (args.weights or (not args.no_pretrained))
         model = HashingNet(args.model, len(self.splits.classes), args.dim, pretrained, args.bands).to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the network itself: evaluated and saved
         self.method = method_cls(args, model, self.splits.train.labels.to(self.device)).to(self.device)
+        if not method_cls.uses_logits:
+            model.fc2.requires_grad_(False)  # DDP requires a gradient for every trained parameter
         self.ddp_model = model  # what the step runs: the network, wrapped under torchrun
         if dist.is_distributed():
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             seed_everything(args.seed + dist.rank())  # own streams per rank (augmentations draw from per-sample seeds)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                         weight_decay=args.weight_decay, nesterov=True)
+        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                         momentum=args.momentum, weight_decay=args.weight_decay,
+                                         nesterov=args.momentum > 0)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
         self.amp_dtype = None
         if args.amp:
@@ -114,7 +118,7 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs} train", disable=not dist.is_main())
         for batch in bar:
             terms, n = self.train_step(batch)
-            if not torch.isfinite(terms["total"]):
+            if not self._all_finite(terms["total"]):
                 kept = (f"the last good checkpoint is kept at {self.run.last}" if os.path.exists(self.run.last)
                         else "no checkpoint had been written yet")
                 raise UserError(f"the loss became {terms['total'].item()} at step {self.step_in_epoch} of epoch "
@@ -136,9 +140,20 @@ class Trainer:
                 writer.add_scalar(f"train/loss_{k}", v.item(), epoch + 1)
             writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], epoch + 1)
 
+    def _all_finite(self, loss):
+        """Whether every rank's loss is finite (all ranks must stop together, or the others hang)."""
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+        return dist.all_reduce_sum(bad).item() == 0
+
     def _stop_now(self):
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.device)
-        return dist.all_reduce_sum(flag).item() > 0 if dist.is_distributed() else bool(self.stop_signal)
+        """Whether any rank was signalled; every rank then adopts that signal (the largest number)."""
+        if not dist.is_distributed():
+            return bool(self.stop_signal)
+        number = torch.tensor([int(signal.Signals[self.stop_signal]) if self.stop_signal else 0], device=self.device)
+        torch.distributed.all_reduce(number, op=torch.distributed.ReduceOp.MAX)
+        if number.item():
+            self.stop_signal = signal.Signals(int(number.item())).name
+        return bool(number.item())
 
     # -- the whole run
     def fit(self):
@@ -167,6 +182,8 @@ class Trainer:
                 if self.epoch % args.eval_every == 0 or self.epoch == args.epochs:
                     improved = self.validate(writer, f"  (training {seconds:.1f} s)")
                 self.save(best=improved)
+                if self.epoch < args.epochs and self._stop_now():  # signalled during validation
+                    raise StopRequested
             if self.best["epoch"] < 0:
                 # Resumed with no more epochs to train before any evaluation: evaluate now.
                 self.save(best=self.validate(writer))
@@ -256,12 +273,14 @@ def run(method_cls, description, argv=None, script=None, add_flags=None, train=N
             add_flags(parser)
         args, resume = resume_args(parser, argv, parser.parse_args(argv))
         results = os.path.join(os.path.dirname(os.path.abspath(args.resume or ".")), "results.json")
-        if resume is not None and resume["epoch"] >= args.epochs and os.path.exists(results):
-            # A finished run: nothing to train, and nothing is rewritten.
+        # A finished run is left alone: nothing to train, nothing rewritten. (For methods that
+        # train nothing, any resumed run with results is finished.)
+        if resume is not None and os.path.exists(results) and (train is not None or resume["epoch"] >= args.epochs):
             if dist.is_main():
-                print(f"the run in {os.path.dirname(os.path.abspath(args.resume))} has already trained "
-                      f"{resume['epoch']} of {args.epochs} epochs and its results are in {results}; nothing to do "
-                      "(pass a larger --epochs to train on)")
+                trained = "" if train is not None else f" after {resume['epoch']} of {args.epochs} epochs"
+                print(f"the run in {os.path.dirname(os.path.abspath(args.resume))} is finished{trained}; its "
+                      f"results are in {results}; nothing to do"
+                      + ("" if train is not None else " (pass a larger --epochs to train on)"))
             return 0
         check_args(args)
         args.device_obj = select_device(args.device)

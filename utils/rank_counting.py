@@ -1,5 +1,4 @@
-"""Retrieval metrics by counting ranks instead of sorting: the fast path of utils/metrics.py,
-which defines the metrics (and a sort-based reference that the tests compare this with)."""
+"""The retrieval metrics by counting ranks, not sorting: utils/metrics.py's fast path (it defines them)."""
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +37,7 @@ _KEY_BITS = (1 << 23) - 1  # a float32 integer 2^23 + k (k < 2^23) holds k in th
 _GROUP_ITEMS = 1 << 17     # relevant (query, item) pairs handled together on CPU
 _CHUNK_BYTES = 256 << 20   # working memory of the chunks in flight, about (the database's codes come on top)
 
-# SWAR popcount constants
-_M1, _M2, _M4, _H01 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101
+_M1, _M2, _M4, _H01 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101  # popcount
 
 
 def _float32_matmul_is_exact():

@@ -15,10 +15,8 @@ The offline digits demo on a CPU (everything after -- goes to every training com
     python -m utils.table --dataset digits --bits 16 32 64 --out runs/table_digits \\
         -- --no-pretrained --img-size 32 -b 64 --lr 0.01 --epochs 5 --num_workers 0
 
-On a cluster: print the unfinished cells' commands, one a line, submit them, then gather:
-
-    python -m utils.table --print-commands > cells.txt
-    python -m utils.table --collect runs/table
+On a cluster: `--print-commands > cells.txt` prints the unfinished cells' commands, one a line,
+to submit; `--collect runs/table` then gathers the finished runs.
 """
 import argparse
 import csv
@@ -39,8 +37,7 @@ BASELINES = os.path.join(REPO, "baselines", "main.py")
 METHODS = {
     "mb": ("CDNE(MB)", os.path.join(REPO, "train_MB", "main.py"), "MB"),
     "mu": ("CDNE(MU)", os.path.join(REPO, "train", "main.py"), "MU"),
-    "dhcnn": ("DHCNN", BASELINES, "DHCNN"),
-    "triplet": ("Triplet", BASELINES, "Triplet"),
+    "dhcnn": ("DHCNN", BASELINES, "DHCNN"), "triplet": ("Triplet", BASELINES, "Triplet"),
     "dpsh": ("DPSH", BASELINES, "DPSH"),
     "itq": ("CNN+PCA-ITQ", BASELINES, "ITQ"),
     "lsh": ("CNN+LSH", BASELINES, "LSH"),

@@ -37,11 +37,11 @@ def evaluate(model, splits, split, args, autocast, return_codes=False):
     db_codes = encode(model, splits.eval_loader("train"), len(splits.db), dim, device, autocast, "encode database")
     q = getattr(splits, split)
     q_codes = encode(model, splits.eval_loader(split), len(q), dim, device, autocast, f"encode {split}")
-    metrics = score(q_codes, q.labels.to(device), db_codes, splits.db.labels.to(device), args.topk)
+    metrics = every_metric(q_codes, q.labels.to(device), db_codes, splits.db.labels.to(device), args.topk)
     return (metrics, q_codes, db_codes) if return_codes else metrics
 
 
-def score(q_codes, q_labels, db_codes, db_labels, topk):
+def every_metric(q_codes, q_labels, db_codes, db_labels, topk):
     """Every metric, mAP@R and P@K for R, K in 20, 100 and --topk, and the PR curve."""
     return retrieval_metrics(q_codes, q_labels, db_codes, db_labels, topk=tuple(sorted({20, 100, topk})),
                              with_pr=True)

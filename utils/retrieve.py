@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt_io
 from .data import SceneDataset, eval_transform, read_image, remove_unreadable
-from .evaluation import encode, score
+from .evaluation import encode, every_metric
 from .flags import REPO_ROOT, image_extension, select_device
 from .errors import UserError, exit_on_user_error
 from .index_file import INDEX_FORMAT, INDEX_VERSION, check_compatible, check_weights, load_index, weights_fingerprint
@@ -256,7 +256,7 @@ def cmd_evaluate(args, device):
                             args.num_workers)
     q_codes = encode_files(model, config, [p for p, _ in queries.samples], queries.labels, device,
                            args.batch_size, args.num_workers)
-    metrics = score(q_codes, queries.labels.to(device), db_codes, db.labels.to(device), args.topk)
+    metrics = every_metric(q_codes, queries.labels.to(device), db_codes, db.labels.to(device), args.topk)
     print(f"{args.dataset} {args.split} queries ({len(queries)}) against the train split ({len(db)}), "
           f"{config['dim']} bits")
     for k, v in metrics.items():

@@ -4,6 +4,7 @@ content-based retrieval of remote sensing images", IEEE GRSL 2020); see docs/met
 import torch
 import torch.nn.functional as F
 
+from utils.losses import QuantizationLoss
 from utils.method import Method
 
 
@@ -23,11 +24,6 @@ def triplet_loss(h, labels, margin=0.5):
     d_ap = (h[a] - h[p]).square().sum(1) / dim
     d_an = (h[a] - h[n]).square().sum(1) / dim
     return F.relu(margin + d_ap - d_an).mean()
-
-
-def quantization_loss(h):
-    """Mean over entries of (|h| - 1)^2."""
-    return (h.abs() - 1).square().mean()
 
 
 def balance_loss(h):
@@ -60,6 +56,6 @@ class Triplet(Method):
     def losses(self, batch):
         h = torch.tanh(batch.f.float())
         terms = {"triplet": triplet_loss(h, batch.label, self.margin),
-                 "quant": quantization_loss(h), "balance": balance_loss(h)}
+                 "quant": QuantizationLoss()(h), "balance": balance_loss(h)}
         terms["total"] = terms["triplet"] + self.quant_weight * terms["quant"] + self.balance_weight * terms["balance"]
         return terms

@@ -60,13 +60,11 @@ def _itq(features, bits, iterations, seed):
     return mean, p, r, history
 
 
-def fit_itq(features, bits, iterations=50, seed=0, return_history=False):
+def fit_itq(features, bits, iterations=50, seed=0):
     """(mean, P R): codes = sign((x - mean) @ (P R)), P the top-`bits` principal directions,
-    R the ITQ rotation after `iterations` steps from a random rotation seeded with `seed`.
-    With return_history=True also the list of ||B - V R||_F^2 after each iteration."""
-    mean, p, r, history = _itq(features, bits, iterations, seed)
-    out = _out(features, mean, p @ r)
-    return (*out, history) if return_history else out
+    R the ITQ rotation after `iterations` steps from a random rotation seeded with `seed`."""
+    mean, p, r, _ = _itq(features, bits, iterations, seed)
+    return _out(features, mean, p @ r)
 
 
 def itq_objective_history(features, bits, iterations=50, seed=0):

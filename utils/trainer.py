@@ -225,15 +225,12 @@ class Trainer:
 
     def final_test(self, writer=None):
         """Test-split metrics of the best checkpoint (database = train split), and pictures."""
-        best = ckpt_io.load_checkpoint(self.run.best) if dist.is_main() else None
+        # Rank 0 reads the best weights for all; self.best is what that checkpoint recorded.
+        holder = [ckpt_io.load_checkpoint(self.run.best)["model"] if dist.is_main() else None]
         if dist.is_distributed():
-            holder = [best["model"] if best else None]
             torch.distributed.broadcast_object_list(holder, src=0)
-            self.model.load_state_dict(holder[0])
-            best_info = self.best
-        else:
-            self.model.load_state_dict(best["model"])
-            best_info = best["best"]
+        self.model.load_state_dict(holder[0])
+        best_info = self.best
         test, q_codes, db_codes = evaluate(self.model, self.splits, "test", self.args, self.autocast,
                                            return_codes=True)
         if writer is not None:

@@ -1,22 +1,2 @@
-"""Top-k Hamming search: the ranked list itself, for looking at results (the metrics in
-utils.metrics never build it)."""
-import torch
-
-from .metrics import binarize
-
-
-@torch.no_grad()
-def hamming_topk(query_codes, db_codes, k, chunk_size=1024):
-    """(distances, indices) of the k nearest database items of each query, ascending
-    Hamming distance, ties broken by database index (docs/method.md section 6)."""
-    q, db = binarize(query_codes), binarize(db_codes).to(query_codes.device if torch.is_tensor(query_codes) else "cpu")
-    L, k = q.shape[1], min(int(k), db.shape[0])
-    dists, idxs = [], []
-    for start in range(0, q.shape[0], chunk_size):
-        d = ((L - q[start:start + chunk_size] @ db.t()) / 2).round().long()
-        order = torch.sort(d, dim=1, stable=True).indices[:, :k]
-        dists.append(torch.gather(d, 1, order))
-        idxs.append(order)
-    if not dists:
-        return torch.empty(0, k, dtype=torch.long), torch.empty(0, k, dtype=torch.long)
-    return torch.cat(dists), torch.cat(idxs)
+"""Hamming search under the name SPEC section 13 gives it; the code is in utils/retrieval/search.py."""
+from .retrieval.search import hamming_topk  # noqa: F401

@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from . import checkpoint as ckpt_io
-from .errors import UserError
+from .. import checkpoint as ckpt_io
+from ..errors import UserError
 
 INDEX_FORMAT = "cdne-index"
 INDEX_VERSION = 2  # 2: "weights_sha256", the fingerprint of the weights that built the index

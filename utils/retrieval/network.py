@@ -1,0 +1,61 @@
+"""The network side of retrieval: a checkpoint's network, its evaluation transform, and the
+encoding of image files into codes."""
+from contextlib import nullcontext
+
+from torch.utils.data import DataLoader, Dataset
+
+from .. import checkpoint as ckpt_io
+from ..data import eval_transform, read_image
+from ..evaluation import encode
+from ..models import HashingNet
+from ..multiband import multiband_eval_transform
+from .index_file import weights_fingerprint
+
+
+class ImageFiles(Dataset):
+    """Image paths (and labels, -1 where unknown) as items {"img", "label", "idx"}."""
+
+    def __init__(self, paths, labels, transform, bands=3):
+        self.paths, self.labels, self.transform, self.bands = list(paths), labels, transform, bands
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        img = read_image(path, self.bands)
+        label = int(self.labels[i]) if self.labels is not None else -1
+        return {"img": self.transform(img), "label": label, "idx": i}
+
+
+class Loaded:
+    """A checkpoint's network (never the key encoder), configuration, flags and weights fingerprint."""
+
+    def __init__(self, path, device):
+        ckpt = ckpt_io.load_checkpoint(path)
+        self.path, self.config, self.args = path, ckpt["config"], ckpt.get("args") or {}
+        self.config.setdefault("in_channels", self.args.get("bands", 3))
+        self.fingerprint = weights_fingerprint(ckpt["model"])
+        model = HashingNet(self.config["arch"], self.config["num_classes"], self.config["dim"], pretrained=False,
+                           in_channels=self.config["in_channels"])
+        model.load_state_dict(ckpt["model"])
+        self.model = model.to(device).eval()
+
+
+def load_model(path, device):
+    """The network of a checkpoint (never the key encoder) and the checkpoint's configuration."""
+    loaded = Loaded(path, device)
+    return loaded.model, loaded.config
+
+
+def transform_of(config):
+    size = config["img_size"]
+    if config.get("in_channels", 3) == 3:
+        return eval_transform(size)
+    return multiband_eval_transform(size, config["band_mean"], config["band_std"])
+
+
+def encode_files(model, config, paths, labels, device, batch_size, num_workers):
+    ds = ImageFiles(paths, labels, transform_of(config), config.get("in_channels", 3))
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    return encode(model, loader, len(ds), config["dim"], device, nullcontext, "encode")

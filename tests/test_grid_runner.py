@@ -109,19 +109,22 @@ jobs = [Job(**j) for j in json.loads(sys.argv[1])]
 failures, stopped = run_jobs(jobs, jobs_at_once=2)
 print(json.dumps({"failed": [j.label for j, _, _ in failures], "signal": stopped}))
 """
-# A run stand-in: on SIGTERM it "saves a checkpoint" (a marker) and exits 128 + 15, as a run does.
+# A run stand-in: on a stop signal it "saves a checkpoint" (a marker) and exits 128 + the signal, as a run does.
 TRAPS = """
 import os, signal, sys, time
 def stop(signum, frame):
-    open(sys.argv[1] + ".saved", "w").write(str(os.getpgid(0)))
+    time.sleep(0.5)
+    open(sys.argv[1] + ".saved", "w").write(str(signum))
     sys.exit(128 + signum)
-signal.signal(signal.SIGTERM, stop)
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(s, stop)
 open(sys.argv[1] + ".ready", "w").close()
 time.sleep(60)
 """
 
 
-def test_sigterm_reaches_the_running_cells_and_starts_nothing_new(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_reaches_the_running_cells_and_starts_nothing_new(tmp_path, sig):
     jobs = [dict(label=f"run{i}", cmd=[sys.executable, "-c", TRAPS, str(tmp_path / f"run{i}")], folder=str(tmp_path),
                  log=str(tmp_path / f"run{i}" / "log.txt")) for i in range(3)]
     runner = subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(jobs)], cwd=REPO, stdout=subprocess.PIPE,
@@ -129,14 +132,17 @@ def test_sigterm_reaches_the_running_cells_and_starts_nothing_new(tmp_path):
     deadline = time.time() + 60
     while len(glob.glob(str(tmp_path / "*.ready"))) < 2 and time.time() < deadline and runner.poll() is None:
         time.sleep(0.05)
-    runner.send_signal(signal.SIGTERM)  # to the runner only: it passes the signal on
+    runner.send_signal(sig)  # to the runner only (Ctrl-C at a terminal reaches it alone too): it passes it on
+    time.sleep(0.2)
+    runner.send_signal(sig)  # a second one while the cells save: passed on once only, the runner says so
     out, err = runner.communicate(timeout=60)
     assert runner.returncode == 0, err
-    assert json.loads(out.splitlines()[-1]) == {"failed": [], "signal": signal.SIGTERM}
+    assert json.loads(out.splitlines()[-1]) == {"failed": [], "signal": sig}
     saved = sorted(glob.glob(str(tmp_path / "*.saved")))
     assert [os.path.basename(p) for p in saved] == ["run0.saved", "run1.saved"]
+    assert all(open(p).read() == str(int(sig)) for p in saved)
     assert not os.path.exists(jobs[2]["log"])  # the third never started
-    assert "stopped run0" in out + err and "Traceback" not in err
+    assert "stopped run0" in out and "still saving: run0" in out and "Traceback" not in err
 
 
 @pytest.mark.parametrize("kwargs,words", [
@@ -153,7 +159,8 @@ def test_bad_options_are_one_line_errors(kwargs, words):
 
 def test_the_epoch_and_the_tail_come_from_the_log(tmp_path):
     log = tmp_path / "log.txt"
-    log.write_text("$ cmd\n" + "x" * 9000 + "\nepoch 1: val mAP@100 0.5\nepoch 2/5 train: 10%|\repoch 2/5 train: 60%|\r")
+    bars = "epoch 2/5 train: 10%|\repoch 2/5 train: 60%|\r"  # tqdm's redraws
+    log.write_text("$ cmd\n" + "x" * 9000 + "\nepoch 1: val mAP@100 0.5\n" + bars)
     assert current_epoch(str(log)) == "epoch 2/5" and current_epoch(str(tmp_path / "none")) == ""
     assert log_tail(str(log), 2) == ["epoch 1: val mAP@100 0.5", "epoch 2/5 train: 60%|"]
 

@@ -21,7 +21,8 @@ from utils.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Job = namedtuple("Job", "label cmd folder log")  # cmd: list[str]; log: path of the cell's log.txt
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Ctrl-C, preemption or `timeout`, and Slurm's warning before a time limit (when the table runs as a job).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 # Progress bars redrawn every 10 s, not 10 times a second: a long run's log stays small (tail -f shows them).
 CHILD_ENV = {"TQDM_MININTERVAL": "10", "PYTHONUNBUFFERED": "1"}
 # The trainer's bar, "epoch 3/130 train: 45%|...", is the last thing a running cell writes.
@@ -102,12 +103,14 @@ class _Grid:
 
         self.tqdm = tqdm
         self.pending, self.free, self.cwd, self.on_finish, self.refresh = list(jobs), free, cwd, on_finish, refresh
-        self.running, self.failures, self.done, self.stop = [], [], 0, None
+        self.running, self.failures, self.done, self.stop, self.asked_again = [], [], 0, None, False
         self.bar = tqdm(total=len(self.pending), unit="cell", dynamic_ncols=True)
 
     def on_signal(self, signum, frame):
-        if self.stop is None:  # a second signal changes nothing: every child is already told
+        if self.stop is None:
             self.stop = signum
+        else:  # every child is already told once; say whom the grid is waiting for
+            self.asked_again = True
 
     def run(self):
         last = 0.0
@@ -142,6 +145,10 @@ class _Grid:
     def pass_stop_on(self):
         if self.stop is None:
             return
+        if self.asked_again:
+            self.asked_again = False
+            self.tqdm.write("still saving: " + ", ".join(f"{c.job.label} (kill -9 -- -{c.proc.pid} stops it without "
+                                                         "saving)" for c in self.running))
         for child in self.running:
             if child.signalled is None:
                 child.signalled = self.stop
@@ -207,7 +214,7 @@ def _start(job, place, cwd):
 def run_jobs(jobs, jobs_at_once=1, gpus=None, per_gpu=1, cwd=REPO, on_finish=None, refresh=1.0):
     """Run the jobs, up to jobs_at_once at a time, or per_gpu on each of gpus (CUDA_VISIBLE_DEVICES).
 
-    A failing job does not stop the others. SIGINT or SIGTERM to this process is passed on to every
+    A failing job does not stop the others. SIGINT, SIGTERM or SIGUSR1 to this process is passed on to every
     running job's process group once; nothing new starts and the running jobs are waited for (they
     save a checkpoint). on_finish(job) may return a note for the "finished" line. Returns (failures,
     signal number or None); failures: (job, exit status as a shell gives it, last lines of its log).

@@ -8,7 +8,7 @@ from utils.method import Method
 
 
 class DHCNN(Method):
-    """DPSH's pairwise likelihood within the batch + w_c * cross-entropy of the classifier FC2
+    """DPSH's pairwise likelihood within the (global) batch + w_c * cross-entropy of the classifier FC2
     on u + eta * DPSH's quantisation loss. Keeps no state."""
 
     name = "DHCNN"
@@ -25,11 +25,12 @@ class DHCNN(Method):
         parser.add_argument("--eta", type=float, default=0.1, help="weight of the quantisation loss")
 
     def losses(self, batch):
-        u = batch.f.float()
-        # All pairs (i, j) of this rank's batch, i = j included (s_ii = 1): the mean is over B^2 terms.
-        s = (batch.label.unsqueeze(1) == batch.label.unsqueeze(0)).float()
+        # Every term over the whole global batch (the same on every rank under DDP): all pairs
+        # (i, j), i = j included (s_ii = 1), so the pairwise mean is over N^2 terms.
+        u, label = batch.gather_with_grad("f").float(), batch.gather("label")
+        s = (label.unsqueeze(1) == label.unsqueeze(0)).float()
         terms = {"pairwise": pairwise_loss(u, u, s),
-                 "ce": F.cross_entropy(batch.logits.float(), batch.label),
+                 "ce": F.cross_entropy(batch.gather_with_grad("logits").float(), label),
                  "quant": quantization_loss(u)}
         terms["total"] = terms["pairwise"] + self.ce_weight * terms["ce"] + self.eta * terms["quant"]
         return terms

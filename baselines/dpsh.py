@@ -38,18 +38,16 @@ class DPSH(Method):
 
     def losses(self, batch):
         u = batch.f.float()
-        # U with this rank's batch rows replaced by the live u (out of place: the buffer itself is
-        # untouched before backward), so the gradient reaches both sides of theta_ij for batch rows.
-        v = self.U.index_copy(0, batch.idx, u)
+        # As in the authors' code, the batch's detached codes are written into U first, the
+        # whole global batch's on every rank (so U stays the same everywhere); U is then a
+        # constant: theta_ij = u_i . U_j / 2 trains u_i only. Each term is a mean over this
+        # rank's rows i, so the trainer's weighting gives the global batch's mean.
+        with torch.no_grad():
+            self.U[batch.gather("idx")] = batch.gather("f").float()
         s = (batch.label.unsqueeze(1) == self.labels.unsqueeze(0)).float()
-        terms = {"pairwise": pairwise_loss(u, v, s), "quant": quantization_loss(u)}
+        terms = {"pairwise": pairwise_loss(u, self.U, s), "quant": quantization_loss(u)}
         terms["total"] = terms["pairwise"] + self.eta * terms["quant"]
         return terms
-
-    @torch.no_grad()
-    def after_backward(self, batch):
-        # The global batch, so that U stays identical on every rank.
-        self.U[batch.gather("idx")] = batch.gather("f").float()
 
     def synced_buffers(self):
         return [self.U]

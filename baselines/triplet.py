@@ -10,13 +10,16 @@ from utils.method import Method
 
 def triplet_loss(h, labels, margin=0.5):
     """Mean over every anchor-positive pair (a != p, same class) of
-    relu(margin + ||h_a - h_p||^2 / L - ||h_a - h_n||^2 / L), n the anchor's hardest negative
-    (largest h_a . h_n among the other classes; the first on ties). Anchors without a
-    negative are skipped; with no triplet at all the loss is 0 (and still differentiable)."""
+    relu(margin + ||h_a - h_p||^2 / L - ||h_a - h_n||^2 / L), n the anchor's hardest negative:
+    the other-class row nearest to the anchor in that distance (the first on ties). Anchors
+    without a negative are skipped; with no triplet at all the loss is 0 (and still
+    differentiable)."""
     same = labels.unsqueeze(1) == labels.unsqueeze(0)
     pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=h.device)
     with torch.no_grad():  # the choice of negative is not differentiated
-        hardest = torch.where(same, float("-inf"), h @ h.t()).argmax(1)
+        # Differences, not the |a|^2 + |b|^2 - 2ab expansion: equal distances stay equal (ties).
+        distance = torch.cdist(h, h, compute_mode="donot_use_mm_for_euclid_dist")
+        hardest = torch.where(same, float("inf"), distance).argmin(1)  # argmin: the first minimum
         a, p = torch.nonzero(pos & (~same).any(1, keepdim=True), as_tuple=True)
     if len(a) == 0:
         return h.sum() * 0
@@ -32,7 +35,7 @@ def balance_loss(h):
 
 
 class Triplet(Method):
-    """Triplet loss on h = tanh(u) within the batch + w_q quantisation + w_b bit balance.
+    """Triplet loss on h = tanh(u) within the (global) batch + w_q quantisation + w_b bit balance.
     Keeps no state; codes are sign(u) as for every method."""
 
     name = "Triplet"
@@ -54,8 +57,9 @@ class Triplet(Method):
                             help="weight w_b of the bit-balance loss")
 
     def losses(self, batch):
-        h = torch.tanh(batch.f.float())
-        terms = {"triplet": triplet_loss(h, batch.label, self.margin),
+        # Triplets, mining, bit balance (and the quantisation mean) over the whole global batch.
+        h = torch.tanh(batch.gather_with_grad("f").float())
+        terms = {"triplet": triplet_loss(h, batch.gather("label"), self.margin),
                  "quant": QuantizationLoss()(h), "balance": balance_loss(h)}
         terms["total"] = terms["triplet"] + self.quant_weight * terms["quant"] + self.balance_weight * terms["balance"]
         return terms

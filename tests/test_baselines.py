@@ -52,7 +52,25 @@ def test_dpsh_defaults():
     assert args.eta == 0.1 and DPSH.name == "DPSH"
 
 
-def test_dpsh_loss_matches_loops():
+def dpsh_reference(u, idx, U_before, train_labels, eta):
+    """SPEC section 11 read loop by loop: the batch's detached u written into U first, then
+    theta_ij = u_i . U_j / 2 over (i in batch, j in train set) with U a constant."""
+    U = U_before.clone()
+    for i in range(len(idx)):
+        U[int(idx[i])] = u[i].detach()
+    bsz, (n, dim) = len(idx), U.shape
+    pair = 0
+    for i in range(bsz):
+        for j in range(n):
+            theta = sum(u[i, k] * U[j, k] for k in range(dim)) / 2
+            s = float(train_labels[idx[i]] == train_labels[j])
+            pair = pair + torch.log(1 + torch.exp(theta)) - s * theta
+    pair = pair / (bsz * n)
+    quant = sum((sgn(u[i, k].item()) - u[i, k]) ** 2 for i in range(bsz) for k in range(dim)) / (bsz * dim)
+    return pair, quant, U
+
+
+def test_dpsh_writes_u_first_and_trains_u_i_only():
     torch.manual_seed(0)
     n, bsz, dim, eta = 10, 4, 6, 0.1
     train_labels = torch.randint(0, 3, (n,))
@@ -62,25 +80,20 @@ def test_dpsh_loss_matches_loops():
     idx = torch.tensor([7, 2, 5, 0])
     u = torch.randn(bsz, dim, requires_grad=True)
     terms = method.losses(make_batch(u, train_labels[idx], idx))
-
-    live = {int(idx[i]): i for i in range(bsz)}
-    pair = 0
-    for i in range(bsz):
-        for j in range(n):
-            uj = u[live[j]] if j in live else method.U[j]
-            theta = (u[i] * uj).sum() / 2
-            s = float(train_labels[idx[i]] == train_labels[j])
-            pair = pair + torch.log(1 + torch.exp(theta)) - s * theta
-    pair = pair / (bsz * n)
-    quant = 0
-    for i in range(bsz):
-        for k in range(dim):
-            quant = quant + (sgn(u[i, k].item()) - u[i, k]) ** 2
-    quant = quant / (bsz * dim)
+    pair, quant, written = dpsh_reference(u, idx, before, train_labels, eta)
     check(terms["pairwise"], pair, u)
     check(terms["quant"], quant, u)
     check(terms["total"], pair + eta * quant, u)
-    assert torch.equal(method.U, before)  # losses() leaves the buffer alone
+    # U holds the batch's codes before the loss, as a constant (no graph, no gradient).
+    assert torch.equal(method.U, written) and not method.U.requires_grad
+    # The gradient is not the one of the same loss with the batch's rows live on both sides.
+    both_sides = method.U.index_copy(0, idx, u)
+    s = (train_labels[idx].unsqueeze(1) == train_labels.unsqueeze(0)).float()
+    theta = u @ both_sides.t() / 2
+    two_sided = (F.softplus(theta) - s * theta).mean()
+    assert not torch.allclose(grad(two_sided, u), grad(terms["pairwise"], u), rtol=1e-3, atol=0)
+    # Calling it again with the same batch rewrites the same rows: same value.
+    torch.testing.assert_close(method.losses(make_batch(u, train_labels[idx], idx))["total"], terms["total"])
 
 
 def test_dpsh_buffer_update():
@@ -91,8 +104,7 @@ def test_dpsh_buffer_update():
     idx = torch.tensor([4, 1])
     u = torch.randn(2, 4, requires_grad=True)
     batch = make_batch(u, labels[idx], idx)
-    method.losses(batch)["total"].backward()
-    method.after_backward(batch)
+    method.losses(batch)["total"].backward()  # the whole step: nothing after backward writes U
     expected = torch.zeros(6, 4)
     expected[idx] = u.detach()
     assert torch.equal(method.U, expected)
@@ -111,9 +123,11 @@ def triplet_reference(u, labels, margin):
         negatives = [j for j in range(n) if labels[j] != labels[a]]
         if not negatives:
             continue
+        def distance(j):
+            return sum((h[a, k] - h[j, k]).item() ** 2 for k in range(dim))
         best = negatives[0]
-        for j in negatives:
-            if (h[a] @ h[j]).item() > (h[a] @ h[best]).item():
+        for j in negatives:  # the nearest; strictly nearer replaces it, so the first on ties
+            if distance(j) < distance(best):
                 best = j
         for p in range(n):
             if p != a and labels[p] == labels[a]:
@@ -144,6 +158,42 @@ def test_triplet_loss_matches_loops(labels):
     check(terms["quant"], quant, u)
     check(terms["balance"], bal, u)
     check(terms["total"], trip + 0.1 * quant + 0.1 * bal, u)
+
+
+def atanh_rows(rows):
+    return torch.atanh(torch.tensor(rows)).requires_grad_()
+
+
+def test_triplet_negative_is_the_nearest_not_the_largest_dot_product():
+    # Anchor 0 (class 0), positive 1; negatives 2 (largest h_a . h_n, but far: its term is 0)
+    # and 3 (small dot product, but near: it violates the margin).
+    u = atanh_rows([[0.5, 0.5], [-0.5, 0.6], [0.99, 0.99], [0.5, 0.3]])
+    labels = torch.tensor([0, 0, 1, 2])
+    h = torch.tanh(u)
+    assert (h[0] @ h[2]).item() > (h[0] @ h[3]).item()
+    assert (h[0] - h[3]).square().sum().item() < (h[0] - h[2]).square().sum().item()
+    loss = triplet_loss(h, labels, 0.5)
+    trip, _, _ = triplet_reference(u, labels, 0.5)
+    check(loss, trip, u)
+    # Anchor 0's term uses negative 3: with negative 2 the gradient would not reach row 3
+    # through that anchor; here row 3 gets a gradient, and the loss exceeds the dot-product choice.
+    dim = 2
+    with_nearest = F.relu(0.5 + (h[0] - h[1]).square().sum() / dim - (h[0] - h[3]).square().sum() / dim)
+    with_dot = F.relu(0.5 + (h[0] - h[1]).square().sum() / dim - (h[0] - h[2]).square().sum() / dim)
+    assert with_nearest.item() > with_dot.item()
+
+
+def test_triplet_ties_take_the_first_negative():
+    # Negatives 2 and 3 (two classes, no positive each) are the same point, the nearest to
+    # both anchors; the first (2) is taken, which shows in the gradient: row 3 gets none.
+    u = atanh_rows([[0.2, -0.4, 0.6], [0.3, -0.1, 0.5], [0.1, 0.1, 0.4], [0.1, 0.1, 0.4]])
+    labels = torch.tensor([0, 0, 1, 2])
+    h = torch.tanh(u)
+    loss = triplet_loss(h, labels, 0.5)
+    trip, _, _ = triplet_reference(u, labels, 0.5)
+    check(loss, trip, u)
+    g = grad(loss, u)
+    assert g[2].abs().sum() > 0 and torch.equal(g[3], torch.zeros(3))
 
 
 @pytest.mark.parametrize("labels", [[0, 1, 2, 3], [2, 2, 2]], ids=["no-positive", "no-negative"])

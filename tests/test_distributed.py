@@ -1,13 +1,19 @@
-"""Two-process DistributedDataParallel training on the CPU (gloo), launched with torchrun."""
+"""Two-process DistributedDataParallel training on the CPU (gloo): torchrun runs of the real
+scripts, and the trainer's step on 2 ranks against one process holding the global batch."""
+import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 SCRIPTS = {"MU": os.path.join(REPO, "train", "main.py"), "MB": os.path.join(REPO, "train_MB", "main.py")}
 
@@ -74,3 +80,125 @@ def test_a_method_without_a_classifier_trains_under_torchrun(tiny_root, tmp_path
     ckpt = torch.load(tmp_path / "dpsh" / "checkpoint_last.pth", weights_only=True)
     assert ckpt["fingerprints"][0] == ckpt["fingerprints"][1]  # U identical on both ranks
     assert ckpt["method"]["U"].abs().sum(1).gt(0).all()  # every row written
+
+
+# ------------------------------------------------- one process's gradients on 2 ranks
+
+# Two steps of a 16-image train set: the global batches and their cut into the 2 ranks' slices
+# (uneven in step 2). Rank r's slice of a step is its rows of the global batch, in rank order.
+STEPS = [([3, 12, 7, 0, 9, 14, 5, 10], 4), ([1, 8, 15, 6, 2, 11, 13, 4], 5)]
+NUM_TRAIN, CLASSES, BITS = 16, 4, 8
+
+
+class TinyHashingNet(nn.Module):
+    """HashingNet's interface (f, e, logits; fc1, fc2) without BatchNorm, whose batch statistics
+    are the one thing several processes are allowed to change."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 32), nn.Tanh())
+        self.fc1 = nn.Linear(32, BITS)
+        self.fc2 = nn.Linear(BITS, CLASSES)
+
+    def forward(self, x):
+        f = self.fc1(self.body(x))
+        return f, F.normalize(f, dim=1), self.fc2(f)
+
+
+def method_classes():
+    from baselines.dhcnn import DHCNN
+    from baselines.dpsh import DPSH
+    from baselines.triplet import Triplet
+
+    return {"dpsh": DPSH, "triplet": Triplet, "dhcnn": DHCNN, "cdne_mb": load_script("train_MB").MemoryBankCDNE}
+
+
+def two_steps(method_cls, rows):
+    """The trainer's step (utils.trainer.Trainer.train_step, DDP-wrapped under a process group)
+    twice from a fixed state; rows(step) = this process's rows of that step's global batch.
+    Returns each step's gradients and parameters after it, and the method's state."""
+    from utils.trainer import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(NUM_TRAIN, 3, 4, 4, generator=g) * 2
+    labels = torch.arange(NUM_TRAIN) % CLASSES
+    parser = argparse.ArgumentParser()
+    method_cls.add_arguments(parser)
+    args = parser.parse_args([])
+    args.dim = BITS
+    torch.manual_seed(0)
+    trainer = Trainer.__new__(Trainer)  # the step alone: no data folder, run folder or evaluation
+    trainer.device, trainer.amp_dtype, trainer.args = torch.device("cpu"), None, args
+    trainer.model = TinyHashingNet()
+    trainer.method = method_cls(args, trainer.model, labels)
+    if not method_cls.uses_logits:
+        trainer.model.fc2.requires_grad_(False)
+    trainer.ddp_model = trainer.model
+    if torch.distributed.is_initialized():
+        trainer.ddp_model = nn.parallel.DistributedDataParallel(trainer.model)
+    trained = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    trainer.optimizer = torch.optim.SGD([p for _, p in trained], lr=0.5, momentum=0.9, nesterov=True,
+                                        weight_decay=5e-4)
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    out = []
+    for step in range(len(STEPS)):
+        idx = torch.tensor(rows(step))
+        trainer.train_step({"img": images[idx], "label": labels[idx], "idx": idx})
+        out.append({"grad": {n: p.grad.clone() for n, p in trained},
+                    "param": {n: p.detach().clone() for n, p in trained}})
+    return {"steps": out, "state": {k: v.clone() for k, v in trainer.method.state_dict().items()}}
+
+
+def rank_rows(rank):
+    return lambda step: STEPS[step][0][:STEPS[step][1]] if rank == 0 else STEPS[step][0][STEPS[step][1]:]
+
+
+def two_rank_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        results = {name: two_steps(cls, rank_rows(rank)) for name, cls in method_classes().items()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_two_ranks(out_dir, timeout=120):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free port on the loopback interface
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    if "lo" in dict((name, i) for i, name in socket.if_nameindex()):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pairs on the loopback interface too
+    context = mp.spawn(two_rank_worker, args=(port, str(out_dir)), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in context.processes:
+                proc.kill()
+            raise AssertionError(f"the 2-rank step did not finish within {timeout} s")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def test_two_ranks_train_as_one_process_holding_the_global_batch(tmp_path):
+    """For every trained method of baselines/ (and CDNE(MB)): on 2 gloo ranks, the gradient
+    reaching every parameter and the parameters after each of two steps equal those of one
+    process with the whole global batch; DPSH's U (read in step 2) is the same too."""
+    ranks = run_two_ranks(tmp_path)
+    for name, cls in method_classes().items():
+        single = two_steps(cls, lambda step: STEPS[step][0])
+        for step, expected in enumerate(single["steps"]):
+            for kind in ("grad", "param"):
+                for param, ref in expected[kind].items():
+                    assert ref.abs().sum() > 0, (name, step, kind, param)  # something to compare
+                    for rank in range(2):
+                        err = relative_error(ranks[rank][name]["steps"][step][kind][param], ref)
+                        assert err < 1e-5, f"{name} step {step + 1} rank {rank} {kind} of {param}: rel. error {err:.2e}"
+        for key, ref in single["state"].items():
+            for rank in range(2):
+                torch.testing.assert_close(ranks[rank][name]["state"][key], ref, rtol=1e-5, atol=1e-6, msg=key)

@@ -9,7 +9,9 @@ the method's state, so adding a method is one file: a `Method` subclass.
 Under DistributedDataParallel every rank holds the method's state; `StepBatch.gather`
 gives the whole global batch in the same order on every rank, so a state updated from
 gathered values stays identical on all ranks (the trainer checks this at every
-checkpoint through `fingerprint`).
+checkpoint through `fingerprint`). A loss over pairs or triplets of the batch is computed
+on `StepBatch.gather_with_grad`: every rank then computes the loss of the whole global
+batch, and the gradient reaching each parameter is that of one process holding it.
 """
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,6 +20,28 @@ import torch
 import torch.nn as nn
 
 from . import distributed as dist
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather (rank order, uneven sizes allowed) whose backward is its true derivative:
+    every rank's gradient of the gathered tensor, summed, restricted to this rank's rows.
+
+    Why this is exactly right under the trainer: rank r's loss is weighted by w_r = G B_r / N
+    (its share of the global batch times G) and DDP averages the G ranks' gradients. When
+    every rank computes the same global loss L from the gathered tensor, the rows of rank r
+    receive sum_r' w_r' dL/du_r = G dL/du_r, and DDP's 1/G leaves sum_r dL/du_r through
+    each rank's own rows: the single-process gradient of L."""
+
+    @staticmethod
+    def forward(ctx, t):
+        sizes = dist.all_gather(torch.tensor([t.shape[0]], device=t.device))
+        ctx.start, ctx.rows = int(sizes[:dist.rank()].sum()), t.shape[0]
+        return dist.all_gather(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = dist.all_reduce_sum(grad.contiguous().clone())
+        return grad[ctx.start:ctx.start + ctx.rows]
 
 
 @dataclass
@@ -32,6 +56,7 @@ class StepBatch:
     logits: torch.Tensor   # FC2(f)
     autocast: Callable = field(default=None, repr=False)  # context factory of the run's --amp setting
     _gathered: dict = field(default_factory=dict, repr=False)
+    _gathered_live: dict = field(default_factory=dict, repr=False)
 
     def gather(self, name):
         """The global batch's `name` ("idx", "label", "e", "f", or any tensor attribute),
@@ -39,6 +64,16 @@ class StepBatch:
         if name not in self._gathered:
             self._gathered[name] = dist.all_gather(getattr(self, name).detach())
         return self._gathered[name]
+
+    def gather_with_grad(self, name):
+        """The global batch's `name` like `gather`, but differentiable: the loss of the whole
+        global batch computed from it on every rank trains each rank's own rows with the
+        single-process gradient (see _GatherWithGrad). In one process: the tensor itself."""
+        if not dist.is_distributed():
+            return getattr(self, name)
+        if name not in self._gathered_live:
+            self._gathered_live[name] = _GatherWithGrad.apply(getattr(self, name))
+        return self._gathered_live[name]
 
 
 class Method(nn.Module):
@@ -64,7 +99,9 @@ class Method(nn.Module):
         """Called before each epoch (0-based)."""
 
     def losses(self, batch: StepBatch) -> dict:
-        """Named scalar loss terms of this rank's batch, with "total" the one trained on."""
+        """Named scalar loss terms with "total" the one trained on: means over this rank's
+        batch (the trainer weights them into the global batch's mean), or terms of the whole
+        global batch computed from `batch.gather_with_grad` (equal on every rank)."""
         raise NotImplementedError
 
     def after_backward(self, batch: StepBatch):

@@ -1,0 +1,223 @@
+"""Backbones other than the paper's ResNets: any timm model by name, weight files of either
+library's key names, and the input normalisation a backbone was pretrained with.
+
+torchvision's resnet18 / resnet50 (ImageNet V1 weights, the paper's) stay in utils/models.py;
+every other --model name is timm's: `timm.create_model(name, num_classes=0, in_chans=...,
+img_size=...)` returns the pooled features that FC1 reads, `num_features` wide.
+"""
+import contextlib
+import difflib
+import logging
+import os
+
+import torch
+
+from .errors import UserError
+
+TORCHVISION_NAMES = ("resnet18", "resnet50")
+LIST_HINT = "python -c \"import timm; print(timm.list_models('convnext*'))\""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # = utils.data's; repeated so this module imports no data code
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Containers that training libraries wrap a state_dict in, and prefixes they put before its keys.
+WRAPPER_KEYS = ("state_dict", "model", "module", "net")
+KEY_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
+# Pretrained downloads of timm models, name -> URL; empty means timm's own source (Hugging Face
+# hub or its URL). A table so that tests can point a download at a local server.
+TIMM_URLS = {}
+
+
+def check_model_name(name):
+    """A UserError unless `name` is resnet18, resnet50 or a model name (with or without a tag) of timm."""
+    if name in TORCHVISION_NAMES:
+        return
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.7)
+        maybe = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"unknown model {name!r}{maybe}: --model takes resnet18, resnet50 or a timm model "
+                        f"name; list timm's names with {LIST_HINT}")
+
+
+def normalization(name):
+    """(mean, std) of the RGB input the backbone was pretrained on: ImageNet's for the ResNets,
+    else the model's pretrained configuration in timm (e.g. 0.5 / 0.5 for vit_tiny_patch16_224)."""
+    if name in TORCHVISION_NAMES:
+        return IMAGENET_MEAN, IMAGENET_STD
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.mean or not cfg.std:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
+# ---------------------------------------------------------------------------
+# Weight files
+
+
+def read_state_dict(path):
+    """The tensors of a weight file: torch.save (weights only) or .safetensors, unwrapped from a
+    {"state_dict": ...} / {"model": ...} container, with a prefix common to every key
+    (module., model., backbone., encoder.) removed."""
+    fix = "pass a state_dict file (torch.save or .safetensors) of the --model backbone"
+    if not os.path.isfile(path):
+        raise UserError(f"weights file {path} does not exist; {fix}")
+    try:
+        if path.endswith(".safetensors"):
+            import safetensors.torch
+            state = safetensors.torch.load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same answer
+        raise UserError(f"could not read weights file {path} ({type(err).__name__}); {fix}") from None
+    while isinstance(state, dict) and not _tensors(state):
+        inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, dict) or not _tensors(state):
+        raise UserError(f"weights file {path} holds no state_dict (no tensors by name); {fix}")
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for prefix in KEY_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _tensors(d):
+    return any(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def check_keys(state, model, arch, source, ignore=(), shapes_may_differ=False):
+    """A one-line UserError when `state` is not a state_dict of `model`: missing and unexpected
+    key names (a few of each and their counts) and shapes that differ (unless they may: timm
+    resamples position embeddings to the model's size)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(ignore)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in {arch}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if not (missing or unexpected or (shapes and not shapes_may_differ)):
+        return
+    raise UserError(f"weights {source} do not fit {arch}: {_few(missing)} missing keys, {_few(unexpected)} "
+                    f"unexpected{'; ' + shapes[0] if shapes else ''}; pass a state_dict of {arch} "
+                    f"(timm's or torchvision's key names) or the --model it belongs to")
+
+
+def _few(keys, n=3):
+    if not keys:
+        return "0"
+    return f"{len(keys)} ({', '.join(keys[:n])}{', ...' if len(keys) > n else ''})"
+
+
+def classifier_prefixes(name):
+    """The classifier's module names in timm's pretrained configuration (e.g. head.fc)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    heads = (cfg.classifier if cfg else None) or "fc"
+    return tuple(h + "." for h in ((heads,) if isinstance(heads, str) else heads))
+
+
+# ---------------------------------------------------------------------------
+# timm models
+
+
+@contextlib.contextmanager
+def _quiet_timm():
+    """timm logs a warning per adapted key while loading; our checks say what matters."""
+    logger = logging.getLogger("timm")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _create(name, img_size, **kwargs):
+    """timm.create_model, with img_size for the models that take one (transformers)."""
+    import timm
+
+    try:
+        return timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+        return timm.create_model(name, **kwargs)
+
+
+def build_timm(name, download=False, state=None, source=None, in_chans=3, img_size=None):
+    """A timm model as a trunk: (module, feature width). `download`: timm's default pretrained
+    weights; `state`: a state_dict of this model (from `source`, a file or torchgeo), whose
+    classifier is dropped; neither: random initialisation."""
+    import timm  # noqa: F401 - fails early with the library's own message when missing
+
+    check_model_name(name)
+    kwargs = dict(num_classes=0, in_chans=in_chans)
+    size = img_size or 224
+    try:
+        with _quiet_timm():
+            if state is not None:
+                state = {k: v for k, v in state.items() if not k.startswith(classifier_prefixes(name))}
+                probe = _create(name, img_size, pretrained=False, **kwargs)
+                check_keys(state, probe, name, source, shapes_may_differ=True)
+                net = _create(name, img_size, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state), **kwargs)
+            elif download:
+                net = _download(name, img_size, kwargs)
+            else:
+                net = _create(name, img_size, pretrained=False, **kwargs)
+    except UserError:
+        raise
+    except (RuntimeError, ValueError, AssertionError) as err:
+        if "size mismatch" in str(err):
+            raise UserError(f"weights {source} do not fit {name} ({_first_line(err, 'size mismatch')}); pass a state_dict of "
+                            f"{name} or the --model it belongs to") from None
+        raise UserError(f"timm could not build {name} for {in_chans}-band {size} x {size} input "
+                        f"({_first_line(err)}); try another --img-size, or --bands / --weights that fit") from None
+    _check_input_size(net, name, in_chans, size)
+    return net, net.num_features
+
+
+def _download(name, img_size, kwargs):
+    import timm.models
+
+    timm.models.set_pretrained_download_progress(True)
+    timm.models.set_pretrained_check_hash(True)  # URLs with a sha256 prefix in the file name are verified
+    url = TIMM_URLS.get(name)
+    overlay = dict(url=url, hf_hub_id=None) if url else None
+    cfg = timm.models.get_pretrained_cfg(name)
+    where = url or (f"https://huggingface.co/{cfg.hf_hub_id}" if cfg and cfg.hf_hub_id else (cfg.url if cfg else None))
+    if not where:
+        raise UserError(f"timm has no pretrained weights for {name}; train from scratch with --no-pretrained "
+                        "or pass a state_dict with --weights PATH")
+    try:
+        return _create(name, img_size, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if "size mismatch" in str(err) or "Kernel size" in str(err):
+            raise
+        raise UserError(f"could not download timm's pretrained weights for {name} from {where} "
+                        f"({type(err).__name__}: {_first_line(err)}); on a machine without network, train from "
+                        "scratch with --no-pretrained, or pass a local state_dict with --weights PATH") from None
+
+
+def _check_input_size(net, name, in_chans, size):
+    """One forward pass of a blank image: a size the model cannot take fails here, in one line,
+    not at the first training step."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, in_chans, size, size))
+    except (RuntimeError, ValueError, AssertionError) as err:
+        raise UserError(f"{name} cannot take {size} x {size} input ({_first_line(err)}); choose another "
+                        "--img-size (transformers: a multiple of the patch size; CNNs: large enough for "
+                        "their downsampling)") from None
+    finally:
+        net.train(was_training)
+
+
+def _first_line(err, containing=""):
+    lines = [line.strip() for line in str(err).strip().splitlines() if containing in line]
+    return (lines[0] if lines else type(err).__name__)[:200]

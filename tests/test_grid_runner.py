@@ -32,7 +32,7 @@ print("epoch 3/7 train: 50%|", flush=True)
 deadline = time.time() + 10
 while len(glob.glob(f"{shared}/*.start")) < min(total, (index // wave + 1) * wave) and time.time() < deadline:
     time.sleep(0.02)
-time.sleep(0.3)
+time.sleep(0.15)
 seen["end"] = time.time()
 json.dump(seen, open(f"{shared}/{index}.json", "w"))
 open(f"{shared}/{gpu}-{index}.end", "w").close()
@@ -133,7 +133,7 @@ def test_a_stop_signal_reaches_the_running_cells_and_starts_nothing_new(tmp_path
     while len(glob.glob(str(tmp_path / "*.ready"))) < 2 and time.time() < deadline and runner.poll() is None:
         time.sleep(0.05)
     runner.send_signal(sig)  # to the runner only (Ctrl-C at a terminal reaches it alone too): it passes it on
-    time.sleep(0.2)
+    time.sleep(0.05)
     runner.send_signal(sig)  # a second one while the cells save: passed on once only, the runner says so
     out, err = runner.communicate(timeout=60)
     assert runner.returncode == 0, err
@@ -266,3 +266,44 @@ def test_bad_slurm_args_are_refused(tmp_path, args, words):
         write_sbatch(str(tmp_path / "slurm"), [])
     with pytest.raises(ValueError, match="--resume auto"):
         write_sbatch(str(tmp_path / "slurm"), [job._replace(cmd=[sys.executable, "x.py"])])
+
+
+# End to end through python -m utils.table: two tiny CDNE(MB) cells (8-px digits, 1 epoch).
+TINY = ["--no-pretrained", "--img-size", "8", "-b", "16", "--lr", "0.01", "--epochs", "1", "--num_workers", "0",
+        "--device", "cpu"]
+
+
+def test_the_table_two_at_once_and_as_an_array_job_gives_the_table_of_one_at_a_time(tmp_path, monkeypatch, capsys):
+    from utils import table
+    from utils.digits import make_digits
+
+    make_digits(str(tmp_path / "data"), size=8, per_class=12)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two runs on two cores, one thread each
+    grid = ["--dataset", "digits", "--bits", "8", "--methods", "mb", "--seeds", "0", "1", "--data",
+            str(tmp_path / "data")]
+
+    def means(out):
+        return [(r["key"], r["bits"], r["seeds"], r["mean"]) for r in json.load(open(out / "table.json"))["rows"]]
+
+    assert table.main([*grid, "--out", str(tmp_path / "at_once"), "--jobs", "2", "--", *TINY]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    started = [i for i, line in enumerate(lines) if line.startswith("started digits mb_8bit_seed")]
+    first_end = min(i for i, line in enumerate(lines) if line.startswith("finished digits mb_8bit_seed"))
+    assert len(started) == 2 and max(started) < first_end  # both running before either finished
+
+    # The same grid as a Slurm array job: the stand-in sbatch runs its tasks one after another.
+    slurm = tmp_path / "slurm"
+    assert table.main([*grid, "--out", str(tmp_path / "array"), "--slurm", str(slurm), "--slurm-max-running", "1",
+                       "--slurm-args=--time=00:10:00", "--", *TINY]) == 0
+    assert f"sbatch {slurm / 'table.sbatch'}" in capsys.readouterr().out
+    text = (slurm / "table.sbatch").read_text()
+    assert "#SBATCH --array=0-1%1" in text and "#SBATCH --time=00:10:00" in text and text.count("--resume auto") >= 2
+    sub = subprocess.run(["sbatch", str(slurm / "table.sbatch")], env=stand_ins(tmp_path), capture_output=True,
+                         text=True, timeout=300)
+    assert sub.returncode == 0, sub.stderr
+    assert all("exit status 0" in open(slurm / "logs" / f"500_{i}.out").read() for i in (0, 1))
+    # After the job the plain table command finds every cell finished and gathers them.
+    assert table.main([*grid, "--out", str(tmp_path / "array"), "--", *TINY]) == 0
+    assert capsys.readouterr().out.count("skipped digits mb_8bit_seed") == 2
+    assert means(tmp_path / "at_once") == means(tmp_path / "array")
+    assert [len(seeds) for _, _, seeds, _ in means(tmp_path / "array")] == [2]

@@ -1,2 +1,4 @@
-"""Hamming search under the name SPEC section 13 gives it; the code is in utils/retrieval/search.py."""
-from .retrieval.search import hamming_topk  # noqa: F401
+"""Hamming search under the names SPEC section 13 gives it; the code is in utils/retrieval/search.py."""
+from .retrieval.search import BinaryIndex, hamming_topk
+
+__all__ = ["BinaryIndex", "hamming_topk"]

@@ -1,34 +1,21 @@
-"""Retrieval with a trained checkpoint: index images, query an index, evaluate a split.
-
-    python -m utils.retrieve index    --checkpoint runs/X/checkpoint_best.pth --out ucm.index
-    python -m utils.retrieve index    --checkpoint runs/X/checkpoint_best.pth --folder my_images/ --out mine.index
-    python -m utils.retrieve query    --index ucm.index path/to/image.tif [more images] --topk 10 --grid grid.png
-    python -m utils.retrieve query    --index ucm.index path/to/image.tif --exclude-self --json results.json
-    python -m utils.retrieve evaluate --checkpoint runs/X/checkpoint_best.pth --split test
-
-index and evaluate take the dataset, the data folder and the image extension from the flags
-the checkpoint was trained with unless --dataset, --data or --imgEXT say otherwise.
-
-An index holds ±1 codes, labels where known, image paths, the checkpoint's configuration and a
-fingerprint of its weights (a query with a checkpoint of other weights is refused); it is read
-with weights_only=True like the checkpoints.
-"""
-import argparse
+"""The retrieval command, `python -m utils.retrieve index | query | evaluate` (its usage is the
+docstring of utils/retrieval/parser.py)."""
 import json
 import os
 import sys
 
-import torch
-
-from .. import checkpoint as ckpt_io
+from .. import distributed as dist
 from ..data import SceneDataset, remove_unreadable
 from ..evaluation import every_metric
 from ..flags import REPO_ROOT, image_extension, select_device
 from ..errors import UserError, exit_on_user_error
 from ..visualize import retrieval_grid
-from .index_file import INDEX_FORMAT, INDEX_VERSION, check_compatible, check_weights, load_index
+from .build import write_index
+from .index_file import check_compatible, check_weights, load_index
 from .network import Loaded, encode_files
-from .search import hamming_topk
+from .outputs import check_index_out, check_writable
+from .parser import ENGINE_FLAGS, build_parser
+from .search import BinaryIndex
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -86,85 +73,103 @@ def split_of(args, config):
 
 def query_label(path, index):
     """The class of a query image inside a class folder of the indexed dataset, else None."""
-    classes = index.get("classes")
-    if not classes or index.get("labels") is None or not index["paths"]:
+    if not index.classes or len(index) == 0:
         return None
     class_dir = os.path.dirname(os.path.abspath(path))
-    dataset_name = os.path.basename(os.path.dirname(os.path.dirname(index["paths"][0])))
+    dataset_name = os.path.basename(os.path.dirname(os.path.dirname(index.paths[0])))
     if os.path.basename(os.path.dirname(class_dir)) != dataset_name:
         return None
     name = os.path.basename(class_dir)
-    return name if name in classes else None
+    return name if name in index.classes else None
+
+
+def say(*args, **kwargs):
+    if dist.is_main():
+        print(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- commands
 
 def cmd_index(args, device):
+    check_index_out(args.out, args.append)
     loaded = Loaded(args.checkpoint, device)
-    model, config = loaded.model, loaded.config
     if args.folder:
         paths, labels, classes = list_folder(args.folder), None, None
     else:
         taken = resolve_dataset_flags(args, loaded)
         if taken:
-            print(f"from the checkpoint's flags: {describe(args, taken)}")
-        ds = split_of(args, config)
-        paths, labels, classes = [p for p, _ in ds.samples], ds.labels, ds.classes
-    codes = encode_files(model, config, paths, labels, device, args.batch_size, args.num_workers)
-    index = {"format": INDEX_FORMAT, "version": INDEX_VERSION,
-             "codes": torch.where(codes > 0, 1, -1).to(torch.int8).cpu(),
-             "labels": labels, "paths": [os.path.abspath(p) for p in paths], "classes": classes,
-             "config": config, "checkpoint": os.path.abspath(args.checkpoint),
-             "weights_sha256": loaded.fingerprint}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    ckpt_io.atomic_save(index, args.out)
+            say(f"from the checkpoint's flags: {describe(args, taken)}")
+        ds = split_of(args, loaded.config)
+        paths, labels, classes = [p for p, _ in ds.samples], ds.labels.numpy(), ds.classes
+    appending = args.append and os.path.exists(args.out)
+    total = write_index(args.out, loaded, args.checkpoint, paths, labels, classes, device, args.batch_size,
+                        args.num_workers, append=args.append)
     what = f"the {args.split} split of {args.dataset}" if not args.folder else args.folder
-    print(f"indexed {len(paths)} images of {what} with {config['dim']}-bit codes into {args.out}")
+    verb = f"appended {len(paths)} images of {what} to" if appending else f"indexed {len(paths)} images of {what} into"
+    say(f"{verb} {args.out} ({total} images, {loaded.config['dim']}-bit codes)")
 
 
 def describe(args, taken):
     return ", ".join(f"--{k} {getattr(args, k)}" for k in taken)
 
 
+def engine_of(args, index):
+    """The BinaryIndex a query searches: the index's own (exact), or an approximate one over its codes."""
+    given = {flag: getattr(args, flag) for flags in ENGINE_FLAGS.values() for flag in flags
+             if getattr(args, flag) is not None}
+    wrong = [flag for flag in given if flag not in ENGINE_FLAGS.get(args.engine, ())]
+    if wrong:
+        owner = next(name for name, flags in ENGINE_FLAGS.items() if wrong[0] in flags)
+        raise UserError(f"--{wrong[0]} is a parameter of --engine {owner}, not of --engine {args.engine}")
+    if args.engine == "exact":
+        return index.search
+    return BinaryIndex.from_packed(index.search.bits, index.search.codes, args.engine, **given)
+
+
 def cmd_query(args, device):
+    for flag in ("json", "grid"):
+        if getattr(args, flag) not in (None, "-"):
+            check_writable(getattr(args, flag), f"--{flag}")
     index = load_index(args.index)
-    ckpt_path = args.checkpoint or index["checkpoint"]
+    ckpt_path = args.checkpoint or index.get("checkpoint")
     if not args.checkpoint and not os.path.isfile(ckpt_path):
         raise UserError(f"checkpoint {ckpt_path} does not exist; this path came from index {args.index} (the "
                         f"checkpoint that built it; was its run folder moved?): pass --checkpoint PATH to use "
                         f"another copy of it")
     loaded = Loaded(ckpt_path, device)
     config = loaded.config
-    check_compatible(index["config"], config, args.index, ckpt_path)
+    check_compatible(index.config, config, args.index, ckpt_path)
     check_weights(index, loaded, args.index)
     for path in args.images:
         if not os.path.isfile(path):
             raise UserError(f"query image {path} does not exist")
-    n_db = index["codes"].shape[0]
+    search = engine_of(args, index)
     codes = encode_files(loaded.model, config, args.images, None, device, args.batch_size, 0)
     # One more than asked for, in case the query itself is in the database and is left out.
-    dist, idx = hamming_topk(codes, index["codes"].float().to(device), args.topk + int(args.exclude_self))
-    classes, labels, paths = index.get("classes"), index.get("labels"), index["paths"]
-    db_label = (lambda j: classes[int(labels[j])]) if classes and labels is not None else (lambda j: None)
+    dist_k, idx_k = search.search(codes, args.topk + int(args.exclude_self))
 
     queries = []
     for qi, path in enumerate(args.images):
         own = os.path.abspath(path)
         label = query_label(path, index)
         results = []
-        for d, j in zip(dist[qi].tolist(), idx[qi].tolist()):
-            if args.exclude_self and paths[j] == own:
+        for d, j in zip(dist_k[qi].tolist(), idx_k[qi].tolist()):
+            if j < 0 or (args.exclude_self and index.paths[j] == own):
                 continue
-            result_label = db_label(j)
+            result_label = index.label_name(j)
             relevant = None if label is None or result_label is None else result_label == label
-            results.append({"rank": len(results) + 1, "distance": int(d), "path": paths[j], "label": result_label,
-                            "relevant": relevant})
+            results.append({"rank": len(results) + 1, "distance": int(d), "path": index.paths[j],
+                            "label": result_label, "relevant": relevant})
         queries.append({"path": own, "label": label, "results": results[:args.topk]})
+    report_query(args, index, ckpt_path, queries, config)
 
+
+def report_query(args, index, ckpt_path, queries, config):
     # With --json - the ranking goes to stdout for programs, and the table to stderr for people.
     out = sys.stderr if args.json == "-" else sys.stdout
-    print(f"index {os.path.abspath(args.index)}: {n_db} database images, {index['config']['dim']} bits, "
-          f"checkpoint {os.path.abspath(ckpt_path)}", file=out)
+    engine = "" if args.engine == "exact" else f", approximate engine {args.engine}"
+    print(f"index {os.path.abspath(args.index)}: {len(index)} database images, {index.config['dim']} bits, "
+          f"checkpoint {os.path.abspath(ckpt_path)}{engine}", file=out)
     for q in queries:
         print(f"query {q['path']}  class {q['label'] if q['label'] is not None else '(unknown)'}", file=out)
         for r in q["results"]:
@@ -173,7 +178,7 @@ def cmd_query(args, device):
             print(f"  {r['rank']:3d}  d={r['distance']:3d}  {r['path']}{cls}{mark}", file=out)
     if args.json:
         ranking = {"index": os.path.abspath(args.index), "checkpoint": os.path.abspath(ckpt_path),
-                   "bits": index["config"]["dim"], "queries": queries}
+                   "bits": index.config["dim"], "engine": args.engine, "queries": queries}
         if args.json == "-":
             json.dump(ranking, sys.stdout, indent=2)
             sys.stdout.write("\n")
@@ -183,7 +188,7 @@ def cmd_query(args, device):
             print(f"ranking written to {args.json}", file=out)
     if args.grid:
         relevant = None
-        if all(q["label"] is not None for q in queries) and labels is not None:
+        if all(q["label"] is not None for q in queries) and index.labels is not None:
             relevant = [[r["relevant"] for r in q["results"]] for q in queries]
         grid = retrieval_grid([q["path"] for q in queries], [[r["path"] for r in q["results"]] for q in queries],
                               relevant, [[r["distance"] for r in q["results"]] for q in queries],
@@ -193,12 +198,14 @@ def cmd_query(args, device):
 
 
 def cmd_evaluate(args, device):
+    if args.json:
+        check_writable(args.json, "--json")
     loaded = Loaded(args.checkpoint, device)
     model, config = loaded.model, loaded.config
     taken = resolve_dataset_flags(args, loaded)
     if taken:
         print(f"from the checkpoint's flags: {describe(args, taken)}")
-    db = split_of(argparse.Namespace(**{**vars(args), "split": "train"}), config)
+    db = split_of(argparse_namespace(args, split="train"), config)
     queries = split_of(args, config)
     db_codes = encode_files(model, config, [p for p, _ in db.samples], db.labels, device, args.batch_size,
                             args.num_workers)
@@ -217,57 +224,8 @@ def cmd_evaluate(args, device):
         print(f"metrics written to {args.json}")
 
 
-def build_parser():
-    p = argparse.ArgumentParser(prog="python -m utils.retrieve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def common(q, checkpoint_required=True):
-        if checkpoint_required:
-            q.add_argument("--checkpoint", required=True, help="a checkpoint_*.pth of a run")
-        else:
-            q.add_argument("--checkpoint", default=None,
-                           help="a checkpoint_*.pth with the weights that built the index (default: the path "
-                                "the index records; pass this when that run folder has moved)")
-        q.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cuda, cuda:N, mps or cpu")
-        q.add_argument("-b", "--batch-size", type=int, default=128, help="images encoded per batch (default 128)")
-        q.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes (default 2)")
-
-    def dataset(q):
-        q.add_argument("--data", default=None,
-                       help="folder holding the datasets (default: the checkpoint's --data, else the repo's data/)")
-        q.add_argument("--dataset", default=None,
-                       help="dataset folder under --data (default: the dataset the checkpoint was trained on)")
-        q.add_argument("--imgEXT", default=None,
-                       help="image file extension (default: the checkpoint's for its own dataset, else the "
-                            "dataset's own, else tif)")
-        q.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out")
-
-    q = sub.add_parser("index", help="encode a split or a folder of images into an index file")
-    common(q)
-    dataset(q)
-    q.add_argument("--split", default="train", choices=("train", "val", "test"),
-                   help="split of the dataset to index (default train, the retrieval database)")
-    q.add_argument("--folder", default=None, help="index every image under this folder instead")
-    q.add_argument("--out", required=True, help="index file to write")
-    q = sub.add_parser("query", help="the top-k database images of one or more image files")
-    common(q, checkpoint_required=False)
-    q.add_argument("--index", required=True, help="an index file written by `python -m utils.retrieve index`")
-    q.add_argument("images", nargs="+", help="query image files")
-    q.add_argument("--topk", type=int, default=10, help="results per query (default 10)")
-    q.add_argument("--exclude-self", action="store_true",
-                   help="leave a query's own image (same absolute path) out of its results")
-    q.add_argument("--json", default=None, metavar="PATH",
-                   help="also write the ranking as JSON here (- for stdout; the table then goes to stderr)")
-    q.add_argument("--grid", default=None, help="write a picture of the results here (.png)")
-    q = sub.add_parser("evaluate", help="the metric table of a checkpoint on a split")
-    common(q)
-    dataset(q)
-    q.add_argument("--split", default="test", choices=("train", "val", "test"),
-                   help="split whose images are the queries (default test); the database is the train split")
-    q.add_argument("--topk", type=int, default=100, help="R of mAP@R and K of P@K, besides 20 and 100 (default 100)")
-    q.add_argument("--json", default=None, help="also write the metrics here")
-    return p
+def argparse_namespace(args, **changes):
+    return type(args)(**{**vars(args), **changes})
 
 
 @exit_on_user_error
@@ -277,8 +235,16 @@ def main(argv=None):
         raise UserError("--topk and --batch-size must be positive")
     if args.num_workers < 0:
         raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several and args.command != "index":
+        raise UserError(f"only `index` shares its work between processes; run `{args.command}` without torchrun")
     device = select_device(args.device)
-    {"index": cmd_index, "query": cmd_query, "evaluate": cmd_evaluate}[args.command](args, device)
+    if several:
+        dist.init(device.type)
+    try:
+        {"index": cmd_index, "query": cmd_query, "evaluate": cmd_evaluate}[args.command](args, device)
+    finally:
+        dist.cleanup()
     return 0
 
 

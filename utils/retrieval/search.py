@@ -1,8 +1,27 @@
-"""Top-k Hamming search: the ranked list itself, for looking at results (the metrics in
-utils.metrics never build it)."""
+"""Hamming search. `BinaryIndex` keeps codes packed (bits / 8 bytes each) and searches them with
+faiss, exactly (the default) or approximately; `hamming_topk` is the float reference it replaced
+(kept with its meaning: it is what the metrics' ranking rule looks like written out).
+
+Exact search is faiss's `knn_hamming` (the scan of `IndexBinaryFlat`, run on our own array, so a
+memory-mapped database is searched without being read in), made exact under section 6's rule
+whatever faiss does with ties: it is asked for 2k results, which are ordered by (distance, index);
+where the k-th distance still reaches the end of that list, the items at that distance are taken
+in index order from a scan. The engine was chosen by measurement (docs/benchmarks.md, search).
+"""
+import json
+import os
+
+import faiss
+import numpy as np
 import torch
 
+from ..errors import UserError
 from ..metrics import binarize
+from .engines import ENGINES, approximate_engine, sort_results
+
+MAGIC = b"CDNE-BINARY-INDEX\n"
+HEADER_BYTES = 4096  # magic + JSON header, padded; the codes start here (page-aligned for mmap)
+QUERY_ENTRIES = 1 << 23  # results held at once (queries x 2k): bounds memory for any query batch
 
 
 @torch.no_grad()
@@ -20,3 +39,188 @@ def hamming_topk(query_codes, db_codes, k, chunk_size=1024):
     if not dists:
         return torch.empty(0, k, dtype=torch.long), torch.empty(0, k, dtype=torch.long)
     return torch.cat(dists), torch.cat(idxs)
+
+
+def pack_codes(codes, bits):
+    """(n, bits) codes (+-1, 0/1 or real: a bit is 1 where the value is > 0, section 2's rule) as
+    (n, ceil(bits / 8)) uint8; bit counts that are not a multiple of 8 are padded with zero bits,
+    which every code shares, so distances do not change."""
+    if torch.is_tensor(codes):
+        codes = codes.detach().cpu().numpy()
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != bits:
+        raise UserError(f"codes of shape {tuple(codes.shape)} given to a {bits}-bit index; pass an (n, {bits}) "
+                        f"array of +-1 or 0/1 values")
+    return np.packbits(codes > 0, axis=1)
+
+
+def popcount_distances(query, db):
+    """Hamming distances of one packed query to packed rows (numpy's bitwise_count)."""
+    return np.bitwise_count(np.bitwise_xor(db, query)).sum(axis=1, dtype=np.int64)
+
+
+def exact_search(queries, db, k):
+    """(distances, indices), each (q, k) int64, of packed queries against packed db: exact,
+    ascending distance, ties by database index."""
+    n, k = len(db), min(int(k), len(db))
+    if k == 0 or len(queries) == 0:
+        return np.zeros((len(queries), k), np.int64), np.zeros((len(queries), k), np.int64)
+    wide = min(n, 2 * k)
+    dists, idxs = [], []
+    step = max(1, QUERY_ENTRIES // wide)
+    for start in range(0, len(queries), step):
+        chunk = np.ascontiguousarray(queries[start:start + step])
+        d, i = faiss.knn_hamming(chunk, db, wide)
+        d, i = sort_results(d.astype(np.int64), i.astype(np.int64))
+        if wide < n:
+            for row in np.flatnonzero(d[:, wide - 1] == d[:, k - 1]):
+                d[row, :k], i[row, :k] = ties_in_index_order(chunk[row], db, d[row, :k], i[row, :k])
+        dists.append(d[:, :k])
+        idxs.append(i[:, :k])
+    return np.concatenate(dists), np.concatenate(idxs)
+
+
+def ties_in_index_order(query, db, dist, idx, rows=1 << 20):
+    """One query's top k when more items lie at the k-th distance than faiss returned: every
+    item closer than it (all in faiss's list) and the first ones at it in index order (a scan)."""
+    k, last = len(dist), dist[-1]
+    closer = dist < last
+    need = k - int(closer.sum())
+    found = []
+    for start in range(0, len(db), rows):
+        hits = np.flatnonzero(popcount_distances(query, db[start:start + rows]) == last) + start
+        found.extend(hits[:need - len(found)].tolist())
+        if len(found) == need:
+            break
+    idx = np.concatenate([idx[closer], np.asarray(found, np.int64)])
+    return np.concatenate([dist[closer], np.full(need, last, np.int64)]), idx
+
+
+class BinaryIndex:
+    """Packed binary codes and their search (SPEC section 13).
+
+    BinaryIndex(bits, engine="exact" | "ivf" | "hnsw", **params): `add(codes)` in pieces,
+    `search(codes, k) -> (distances, indices)` as (q, k) int64 arrays, `len`, `save(path)`, and
+    `BinaryIndex.load(path)`, which memory-maps the codes. Approximate engines (engines.py) build
+    their faiss structure from the codes at the first search and are saved with them."""
+
+    def __init__(self, bits, engine="exact", **params):
+        bits = int(bits)
+        if bits <= 0:
+            raise UserError(f"a BinaryIndex needs a positive number of bits, got {bits}")
+        if engine != "exact" and engine not in ENGINES:
+            raise UserError(f"unknown search engine {engine!r}; choose exact, {', '.join(ENGINES)}")
+        self.bits, self.code_bytes, self.engine = bits, (bits + 7) // 8, engine
+        self.approx = approximate_engine(engine, self.code_bytes * 8, params) if engine != "exact" else None
+        self.params = self.approx.params if self.approx else {}
+        if engine == "exact" and params:
+            raise UserError(f"the exact engine takes no parameters (got {', '.join(params)})")
+        self._codes = np.zeros((0, self.code_bytes), np.uint8)
+        self._count = 0
+
+    def __len__(self):
+        return self._count
+
+    @property
+    def codes(self):
+        """The packed codes, (len, bits / 8) uint8 (a read-only memory map after load)."""
+        return self._codes[:self._count]
+
+    def add(self, codes):
+        """Append (n, bits) codes of +-1, 0/1 (or real: > 0 is 1) values."""
+        self.add_packed(pack_codes(codes, self.bits))
+
+    def add_packed(self, packed):
+        packed = np.asarray(packed, dtype=np.uint8)
+        if packed.ndim != 2 or packed.shape[1] != self.code_bytes:
+            raise UserError(f"packed codes of shape {tuple(packed.shape)} given to a {self.bits}-bit index; "
+                            f"pass (n, {self.code_bytes}) uint8")
+        need = self._count + len(packed)
+        if need > len(self._codes) or not self._codes.flags.writeable:  # grow by doubling (a map is copied)
+            grown = np.empty((max(need, 2 * len(self._codes), 1024), self.code_bytes), np.uint8)
+            grown[:self._count] = self._codes[:self._count]
+            self._codes = grown
+        self._codes[self._count:need] = packed
+        self._count = need
+
+    def search(self, codes, k):
+        """(distances, indices), (q, k) int64: the k nearest codes in ascending Hamming distance,
+        ties by database index; exact unless the engine is approximate (then -1 where it found
+        fewer than k). k is capped at len(self)."""
+        return self.search_packed(pack_codes(codes, self.bits), k)
+
+    def search_packed(self, packed, k):
+        packed = np.ascontiguousarray(packed, dtype=np.uint8)
+        if int(k) <= 0:
+            raise UserError(f"k must be positive, got {k}")
+        if self.approx is None:
+            return exact_search(packed, self.codes, k)
+        return self.approx.search(packed, self.codes, min(int(k), self._count))
+
+    def save(self, path):
+        """One file: a JSON header padded to 4 KiB, the packed codes, then any engine structure.
+        Written to a temporary file and renamed, so a failed save leaves an old file intact."""
+        structure = self.approx.serialize(self.codes) if self.approx else b""
+        header = {"version": 1, "bits": self.bits, "code_bytes": self.code_bytes, "count": self._count,
+                  "engine": self.engine, "params": self.params, "structure_bytes": len(structure)}
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(encode_header(header))
+                for start in range(0, self._count, 1 << 22):
+                    fh.write(self.codes[start:start + (1 << 22)].tobytes())
+                fh.write(structure)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def from_packed(cls, bits, packed, engine="exact", **params):
+        """An index over packed (n, ceil(bits / 8)) uint8 codes as they are (a memory map stays one)."""
+        index = cls(bits, engine, **params)
+        if packed.ndim != 2 or packed.shape[1] != index.code_bytes or packed.dtype != np.uint8:
+            raise UserError(f"packed codes of shape {tuple(packed.shape)} for a {bits}-bit index; pass "
+                            f"(n, {index.code_bytes}) uint8")
+        index._codes, index._count = packed, len(packed)
+        return index
+
+    @classmethod
+    def load(cls, path):
+        """The index saved at `path`, its codes memory-mapped (not read in)."""
+        header = read_header(path)
+        index = cls(header["bits"], header["engine"], **header["params"])
+        index._codes, index._count = map_codes(path, header), header["count"]
+        if header.get("structure_bytes"):
+            offset = HEADER_BYTES + header["count"] * header["code_bytes"]
+            index.approx.deserialize(np.memmap(path, np.uint8, "r", offset, (header["structure_bytes"],)),
+                                     header["count"])
+        return index
+
+
+def encode_header(header):
+    text = MAGIC + json.dumps(header).encode()
+    if len(text) >= HEADER_BYTES:
+        raise ValueError("index header too long")
+    return text + b" " * (HEADER_BYTES - 1 - len(text)) + b"\n"
+
+
+def read_header(path):
+    if not os.path.isfile(path):
+        raise UserError(f"index file {path} does not exist")
+    with open(path, "rb") as fh:
+        head = fh.read(HEADER_BYTES)
+    if not head.startswith(MAGIC) or len(head) < HEADER_BYTES:
+        raise UserError(f"{path} is not a BinaryIndex file (written by BinaryIndex.save)")
+    header = json.loads(head[len(MAGIC):].decode())
+    expected = HEADER_BYTES + header["count"] * header["code_bytes"] + header.get("structure_bytes", 0)
+    if os.path.getsize(path) < expected:
+        raise UserError(f"{path} is truncated ({os.path.getsize(path)} bytes, its header says {expected}); "
+                        f"rebuild it")
+    return header
+
+
+def map_codes(path, header):
+    if header["count"] == 0:
+        return np.zeros((0, header["code_bytes"]), np.uint8)
+    return np.memmap(path, np.uint8, "r", HEADER_BYTES, (header["count"], header["code_bytes"]))

@@ -1,0 +1,134 @@
+"""Approximate engines of BinaryIndex, each a faiss binary index built from the packed codes:
+
+* "ivf":  IndexBinaryIVF, codes grouped into `nlist` clusters (k-means, trained on a sample);
+          a query scans the `nprobe` nearest clusters. Defaults: nlist = 4 sqrt(n) (at most
+          65536), nprobe 16.
+* "hnsw": IndexBinaryHNSW, a graph of `M` links per code (built with `efConstruction`); a query
+          explores `efSearch` candidates (at least k). Defaults: M 16, efConstruction 40, efSearch 128.
+* "mih":  IndexBinaryMultiHash (multi-index hashing), `nhash` tables of `b` bits (default b =
+          bits / nhash) probed with up to `nflip` flipped bits. Defaults: nhash 4, nflip 2.
+
+Their results are what faiss finds, ordered by (distance, database index), -1 where it found
+fewer than k; recall against the exact index is in docs/benchmarks.md. The structure is built at
+the first search (codes added later are added to it then) and saved with the index.
+"""
+import math
+
+import faiss
+import numpy as np
+
+from ..errors import UserError
+
+ADD_ROWS = 1 << 20
+TRAIN_PER_LIST = 64  # k-means sample: this many codes per cluster (faiss warns below 39)
+
+
+def sort_results(dist, idx):
+    """Each row ordered by (distance, database index); -1 indices (not found) last."""
+    key_dist = np.where(idx < 0, np.iinfo(np.int64).max, dist)
+    order = np.lexsort((idx, key_dist), axis=1)
+    return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
+
+
+class ApproximateEngine:
+    name, defaults = "", {}
+
+    def __init__(self, dim_bits, params):
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            raise UserError(f"engine {self.name} takes {', '.join(self.defaults)}, not {', '.join(unknown)}")
+        for key, value in params.items():
+            if value is not None and (not isinstance(value, (int, np.integer)) or value <= 0):
+                raise UserError(f"engine {self.name}: {key} must be a positive integer, got {value!r}")
+        self.d = dim_bits
+        self.params = {**self.defaults, **{k: int(v) for k, v in params.items() if v is not None}}
+        self.index, self.built = None, 0
+
+    def sync(self, codes):
+        """Build the structure from the codes, or add those added since."""
+        if self.index is None:
+            self.index = self.build(codes)
+        for start in range(self.built, len(codes), ADD_ROWS):
+            self.index.add(np.ascontiguousarray(codes[start:start + ADD_ROWS]))
+        self.built = len(codes)
+
+    def search(self, queries, codes, k):
+        if k == 0 or len(queries) == 0:
+            return np.zeros((len(queries), k), np.int64), np.zeros((len(queries), k), np.int64)
+        self.sync(codes)
+        self.set_search_params(k)
+        dists, idxs = [], []
+        for start in range(0, len(queries), 4096):
+            d, i = self.index.search(np.ascontiguousarray(queries[start:start + 4096]), k)
+            d, i = sort_results(d.astype(np.int64), i.astype(np.int64))
+            dists.append(d)
+            idxs.append(i)
+        return np.concatenate(dists), np.concatenate(idxs)
+
+    def serialize(self, codes):
+        if len(codes) == 0:
+            return b""
+        self.sync(codes)
+        return faiss.serialize_index_binary(self.index).tobytes()
+
+    def deserialize(self, data, count):
+        self.index, self.built = faiss.deserialize_index_binary(np.array(data)), count
+
+    def set_search_params(self, k):
+        pass
+
+
+class IVF(ApproximateEngine):
+    name, defaults = "ivf", {"nlist": None, "nprobe": 16}
+
+    def build(self, codes):
+        nlist = self.params["nlist"] or max(1, min(65536, round(4 * math.sqrt(len(codes)))))
+        if len(codes) < nlist:
+            raise UserError(f"engine ivf: {len(codes)} codes cannot fill nlist={nlist} clusters; pass a smaller "
+                            f"nlist (or use the exact engine)")
+        self.params["nlist"] = nlist
+        self.quantizer = faiss.IndexBinaryFlat(self.d)  # kept: the IVF index does not own it
+        index = faiss.IndexBinaryIVF(self.quantizer, self.d, nlist)
+        take = min(len(codes), TRAIN_PER_LIST * nlist)
+        sample = np.random.default_rng(0).choice(len(codes), take, replace=False) if take < len(codes) else None
+        index.train(np.ascontiguousarray(codes[np.sort(sample)] if sample is not None else codes))
+        return index
+
+    def set_search_params(self, k):
+        self.index.nprobe = min(self.params["nprobe"], self.index.nlist)
+
+
+class HNSW(ApproximateEngine):
+    name, defaults = "hnsw", {"M": 16, "efConstruction": 40, "efSearch": 128}
+
+    def build(self, codes):
+        index = faiss.IndexBinaryHNSW(self.d, self.params["M"])
+        index.hnsw.efConstruction = self.params["efConstruction"]
+        return index
+
+    def set_search_params(self, k):
+        self.index.hnsw.efSearch = max(self.params["efSearch"], k)
+
+
+class MultiIndexHashing(ApproximateEngine):
+    name, defaults = "mih", {"nhash": 4, "b": None, "nflip": 2}
+
+    def build(self, codes):
+        b = self.params["b"] or self.d // self.params["nhash"]
+        if b * self.params["nhash"] > self.d or b > 64:
+            raise UserError(f"engine mih: nhash x b must be at most the {self.d} bits and b at most 64")
+        self.params["b"] = b
+        return faiss.IndexBinaryMultiHash(self.d, self.params["nhash"], b)
+
+    def set_search_params(self, k):
+        self.index.nflip = self.params["nflip"]
+
+    def serialize(self, codes):
+        return b""  # its hash tables are rebuilt from the codes at the first search (quick)
+
+
+ENGINES = {cls.name: cls for cls in (IVF, HNSW, MultiIndexHashing)}
+
+
+def approximate_engine(name, dim_bits, params):
+    return ENGINES[name](dim_bits, params)

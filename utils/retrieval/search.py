@@ -54,9 +54,14 @@ def pack_codes(codes, bits):
     return np.packbits(codes > 0, axis=1)
 
 
+BYTE_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)  # for numpy < 2.0
+
+
 def popcount_distances(query, db):
-    """Hamming distances of one packed query to packed rows (numpy's bitwise_count)."""
-    return np.bitwise_count(np.bitwise_xor(db, query)).sum(axis=1, dtype=np.int64)
+    """Hamming distances of one packed query to packed rows (numpy's bitwise_count where it has one)."""
+    xor = np.bitwise_xor(db, query)
+    ones = np.bitwise_count(xor) if hasattr(np, "bitwise_count") else BYTE_POPCOUNT[xor]
+    return ones.sum(axis=1, dtype=np.int64)
 
 
 def exact_search(queries, db, k):

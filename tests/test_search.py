@@ -1,0 +1,208 @@
+"""BinaryIndex against a brute-force stable sort (random codes, many ties, an engine that breaks
+ties the other way), its file (memory-mapped), the approximate engines, and index folders
+(written in parts, appended, an interrupted append, the old single-file format)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from utils.errors import UserError
+from utils.retrieval import index_file, search as search_mod
+from utils.retrieval.index_file import IndexWriter, load_index
+from utils.search import BinaryIndex, hamming_topk
+
+
+def brute_force(queries, db, k):
+    """Distances of every pair from the unpacked bits, ranked by a stable sort (section 6)."""
+    qb, dbb = np.asarray(queries) > 0, np.asarray(db) > 0
+    d = (qb[:, None, :] != dbb[None, :, :]).sum(2)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), order
+
+
+@pytest.mark.parametrize("bits", [32, 64, 128, 12])
+def test_exact_search_is_a_stable_sort(bits):
+    rng = np.random.default_rng(bits)
+    db = rng.choice([-1, 1], (10_000, bits)).astype(np.int8)
+    queries = rng.choice([-1, 1], (25, bits)).astype(np.int8)
+    index = BinaryIndex(bits)
+    index.add(torch.from_numpy(db[:3_000]))  # a tensor, a 0/1 array and a +-1 array, in pieces
+    index.add((db[3_000:7_000] > 0).astype(np.uint8))
+    index.add(db[7_000:])
+    assert len(index) == 10_000 and index.codes.shape == (10_000, (bits + 7) // 8)
+    dist, idx = index.search(queries, 100)
+    ref_dist, ref_idx = brute_force(queries, db, 100)
+    assert dist.dtype == idx.dtype == np.int64
+    np.testing.assert_array_equal(dist, ref_dist)
+    np.testing.assert_array_equal(idx, ref_idx)
+    # hamming_topk keeps its meaning: the same ranking, from float codes.
+    t_dist, t_idx = hamming_topk(torch.from_numpy(queries).float(), torch.from_numpy(db).float(), 100)
+    np.testing.assert_array_equal(t_dist.numpy(), ref_dist)
+    np.testing.assert_array_equal(t_idx.numpy(), ref_idx)
+
+
+def test_ties_are_broken_by_database_index_whatever_the_engine_does(monkeypatch):
+    rng = np.random.default_rng(0)
+    db = rng.choice([-1, 1], (10_000, 8))  # 256 possible codes: about 40 copies of each
+    db[5_000:5_400] = db[17]  # and one code held by 400 items, more than 2k
+    queries = np.concatenate([db[[17, 3]], rng.choice([-1, 1], (6, 8))])
+    ref = brute_force(queries, db, 150)
+    index = BinaryIndex(8)
+    index.add(db)
+    for k in (1, 150):
+        got = index.search(queries, k)
+        np.testing.assert_array_equal(got[0], ref[0][:, :k])
+        np.testing.assert_array_equal(got[1], ref[1][:, :k])
+
+    def knn_preferring_late_items(xq, xb, k):  # a correct top k that keeps the last items of a tie
+        d = np.unpackbits(np.bitwise_xor(xq[:, None, :], np.asarray(xb)[None]), axis=2).sum(2)
+        order = np.lexsort((-np.arange(len(xb))[None, :].repeat(len(xq), 0), d), axis=1)[:, :k]
+        return np.take_along_axis(d, order, 1).astype(np.int32), order
+
+    monkeypatch.setattr(search_mod.faiss, "knn_hamming", knn_preferring_late_items)
+    got = index.search(queries, 150)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+
+
+def test_save_and_load_memory_maps(tmp_path):
+    rng = np.random.default_rng(1)
+    db, queries = rng.choice([-1, 1], (10_000, 64)), rng.choice([-1, 1], (10, 64))
+    index = BinaryIndex(64)
+    index.add(db)
+    path = tmp_path / "codes.bidx"
+    index.save(path)
+    assert os.path.getsize(path) == search_mod.HEADER_BYTES + 10_000 * 8
+    loaded = BinaryIndex.load(path)
+    assert isinstance(loaded.codes, np.memmap) and not loaded.codes.flags.writeable and len(loaded) == 10_000
+    for got, ref in zip(loaded.search(queries, 30), index.search(queries, 30)):
+        np.testing.assert_array_equal(got, ref)
+    loaded.add(db[:5])  # a loaded index grows in memory; its file is left as it was
+    assert len(loaded) == 10_005 and loaded.search(db[:1], 2)[1].tolist() == [[0, 10_000]]
+    assert os.path.getsize(path) == search_mod.HEADER_BYTES + 10_000 * 8
+    with open(path, "r+b") as fh:
+        fh.truncate(5_000)
+    with pytest.raises(UserError, match="truncated"):
+        BinaryIndex.load(path)
+    (tmp_path / "other").write_bytes(b"not an index")
+    with pytest.raises(UserError, match="not a BinaryIndex file"):
+        BinaryIndex.load(tmp_path / "other")
+
+
+def test_bad_input_is_refused_in_one_line():
+    index = BinaryIndex(16)
+    for call, match in ((lambda: index.add(np.ones((3, 15))), r"shape \(3, 15\) given to a 16-bit index"),
+                        (lambda: BinaryIndex(16, "annoy"), "unknown search engine 'annoy'"),
+                        (lambda: BinaryIndex(16, "ivf", nprobes=3), "ivf takes nlist, nprobe, not nprobes"),
+                        (lambda: BinaryIndex(16, "hnsw", M=0), "M must be a positive integer"),
+                        (lambda: BinaryIndex(16, nlist=3), "the exact engine takes no parameters"),
+                        (lambda: index.search(np.ones((1, 16)), 0), "k must be positive")):
+        with pytest.raises(UserError, match=match) as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert [a.shape for a in index.search(np.ones((2, 16)), 5)] == [(2, 0), (2, 0)]  # an empty index
+
+
+def clustered_codes(rng, n, centres, flips=3):
+    """Codes near a few centres, as trained hashing codes are: approximate search has a chance."""
+    bits = centres.shape[1]
+    codes = centres[rng.integers(0, len(centres), n)].copy()
+    rows, cols = np.repeat(np.arange(n), flips), rng.integers(0, bits, n * flips)
+    codes[rows, cols] *= -1
+    return codes
+
+
+@pytest.mark.parametrize("engine, params", [("ivf", {"nlist": 16, "nprobe": 4}), ("hnsw", {"M": 12}),
+                                            ("mih", {"nflip": 2})])
+def test_approximate_engines(engine, params, tmp_path):
+    rng = np.random.default_rng(2)
+    centres = rng.choice([-1, 1], (20, 64))
+    db, queries = clustered_codes(rng, 4_000, centres), clustered_codes(rng, 20, centres)
+    exact = BinaryIndex(64)
+    exact.add(db)
+    ref_dist, ref_idx = exact.search(queries, 50)
+    approx = BinaryIndex(64, engine, **params)
+    approx.add(db[:2_000])
+    approx.search(queries[:1], 5)  # built now; the rest is added to the structure at the next search
+    approx.add(db[2_000:])
+    dist, idx = approx.search(queries, 50)
+    found = idx >= 0
+    # Among many equal distances the engine may keep other items than the exact index: count
+    # the results as near as the exact ones at the same rank.
+    assert np.mean(found & (dist == ref_dist)) > 0.9
+    assert (dist[found] >= ref_dist[found]).all()  # never nearer than the truth
+    for row, f in zip(dist * 10**6 + idx, found):  # ascending (distance, index); -1 only at the end
+        assert (np.diff(row[f]) > 0).all() and f[:f.sum()].all()
+    path = tmp_path / f"{engine}.bidx"
+    approx.save(path)
+    again = BinaryIndex.load(path)
+    assert again.engine == engine and again.params == approx.params
+    for got, want in zip(again.search(queries, 50), (dist, idx)):
+        np.testing.assert_array_equal(got, want)
+    if engine == "ivf":  # every cluster probed: the exact answer
+        full = BinaryIndex(64, "ivf", nlist=16, nprobe=16)
+        full.add(db)
+        np.testing.assert_array_equal(full.search(queries, 50)[0], ref_dist)
+
+
+def header(bits=16):
+    return {"bits": bits, "config": {"dim": bits}, "checkpoint": "/x/checkpoint_best.pth",
+            "weights_sha256": "ab" * 32, "classes": ["a", "b"]}
+
+
+def write(writer, codes, start=0, stop=None):
+    rows = writer.open_rows()
+    rows[start:stop] = np.packbits(codes[start:stop] > 0, axis=1)
+    rows.flush()
+
+
+def test_index_folders_written_in_parts_appended_and_interrupted(tmp_path):
+    rng = np.random.default_rng(3)
+    codes = rng.choice([-1, 1], (300, 16))
+    paths = [str(tmp_path / "img" / f"{i}.png") for i in range(300)]
+    labels = rng.integers(0, 2, 300)
+    out = str(tmp_path / "db.index")
+    writer = IndexWriter.create(out, header(), paths[:200], labels[:200])
+    write(writer, codes[:200], 0, 120)  # two processes' shares of one file
+    write(writer, codes[:200], 120, None)
+    assert not os.path.exists(out)  # in out.partial until finished
+    writer.finish()
+    opened = load_index(out)
+    assert len(opened) == 200 and opened.paths[199] == paths[199] and opened.label_name(3) == "ab"[labels[3]]
+    # An append that stops before finish() leaves the index as it was; the next one overwrites its rows.
+    broken = IndexWriter.extend(out, index_file.read_index_header(out), paths[200:260], None)
+    write(broken, codes[200:260] * -1)
+    assert len(load_index(out)) == 200
+    writer = IndexWriter.extend(out, index_file.read_index_header(out), paths[200:], None)
+    write(writer, codes[200:])
+    writer.finish()
+    opened = load_index(out)
+    assert len(opened) == 300 and len(opened.paths) == 300
+    assert [opened.paths[j] for j in (0, 200, 299)] == [paths[0], paths[200], paths[299]]
+    assert opened.label_name(250) is None and list(opened.labels[:200]) == list(labels[:200])
+    assert isinstance(opened.search.codes, np.memmap)
+    for got, ref in zip(opened.search.search(codes[:7], 40), brute_force(codes[:7], codes, 40)):
+        np.testing.assert_array_equal(got, ref)
+    # A new index at the same path replaces it whole.
+    writer = IndexWriter.create(out, header(), paths[:5], None)
+    write(writer, codes[:5])
+    writer.finish()
+    assert len(load_index(out)) == 5 and not os.path.exists(out + ".partial")
+
+
+def test_old_single_file_indexes_still_open(tmp_path):
+    rng = np.random.default_rng(4)
+    codes = torch.from_numpy(rng.choice([-1, 1], (50, 16))).to(torch.int8)
+    old = {"format": "cdne-index", "version": 2, "codes": codes, "labels": torch.zeros(50, dtype=torch.long),
+           "paths": [f"/d/{i}.png" for i in range(50)], "classes": ["a"], "config": {"dim": 16},
+           "checkpoint": "/x.pth", "weights_sha256": "00"}
+    torch.save(old, tmp_path / "old.index")
+    opened = load_index(str(tmp_path / "old.index"))
+    assert len(opened) == 50 and opened.paths[49] == "/d/49.png" and opened.label_name(0) == "a"
+    for got, ref in zip(opened.search.search(codes[:3], 10), brute_force(codes[:3].numpy(), codes.numpy(), 10)):
+        np.testing.assert_array_equal(got, ref)
+    (tmp_path / "new.index").mkdir()
+    (tmp_path / "new.index" / "header.json").write_text('{"format": "cdne-index", "version": 9}')
+    with pytest.raises(UserError, match="rebuild it with `python -m utils.retrieve index"):
+        load_index(str(tmp_path / "new.index"))

@@ -196,3 +196,55 @@ def test_cached_pipeline_draws_each_images_augmentation_from_its_own_seed(tiny_r
     b = images([[5, 3], [1, 0, 4], [2]], workers=1)
     assert all(torch.equal(a[i], b[i]) for i in a)
     assert not all(torch.equal(a[i], images([[0, 1, 2, 3, 4, 5]], epoch=2)[i]) for i in a)
+
+
+def utils_imports():
+    """{module: modules of the utils package it imports}, from the source (imports inside
+    functions included: a lazy import is still an import)."""
+    import ast
+
+    sources = {}
+    for folder, _, files in os.walk(os.path.join(REPO, "utils")):
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, name), REPO)[:-3].replace(os.sep, ".")
+                sources[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = os.path.join(folder, name)
+    graph = {}
+    for module, path in sources.items():
+        package = module if path.endswith("__init__.py") else module.rsplit(".", 1)[0]
+        with open(path) as fh:
+            tree = ast.parse(fh.read())
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{base}.{node.module}" if node.module else base
+                else:
+                    base = node.module or ""
+                # `from . import x` imports the module x; `from .m import y`, the module m.
+                targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in sources else base for a in node.names}
+        graph[module] = {t for t in targets if t in sources and t != module}
+    return graph
+
+
+def test_no_two_modules_of_utils_import_each_other():
+    graph = utils_imports()
+    assert {"utils.data", "utils.multiband", "utils.metrics", "utils.rank_counting"} <= set(graph)
+    cycles, state = [], {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "import cycles inside utils/: " + "; ".join(" -> ".join(c) for c in cycles)

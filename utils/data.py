@@ -8,6 +8,10 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from .errors import UserError
+from .image_check import check_images
+from .image_files import broken_image, is_tiff, multiband_as_rgb_error, unreadable  # noqa: F401 - unreadable: re-exported
+from .multiband import read_multiband
+from .split_lists import classes_of, read_split_file
 
 SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -97,36 +101,18 @@ def _too_deep_error(folder, inner, ext, holds_ext):
                      f"or move the class folders from {inner} up into {folder}{also}")
 
 
-def unreadable(problem, fix="", broken=True):
-    """The UserError for an image that cannot be read as asked: `problem` names the file and what is
-    wrong, `fix` what to do; `broken` tells a damaged file (which --skip-bad-images may leave out)
-    from one of the wrong kind (where it would leave out every image). A plain UserError with these
-    as attributes, not a subclass: a DataLoader worker re-raises it as type(err)(message), and the
-    scripts fold a worker's traceback into one line by its "UserError: " line."""
-    err = UserError(f"{problem}; {fix}" if fix else problem)
-    err.problem, err.fix, err.broken = problem, fix, broken
-    return err
-
-
-def _broken(path, err):
-    return unreadable(f"cannot read image {path} ({err})",
-                      "replace or remove the file, or pass --skip-bad-images to leave unreadable files out")
-
-
 def read_rgb(path):
-    """An image file as an 8-bit RGB Pillow image."""
+    """An image file as an 8-bit RGB Pillow image. A multi-band TIFF is refused: Pillow would read
+    its first page (or fail), and training on that page would look like any other run."""
+    multiband = multiband_as_rgb_error(path) if is_tiff(path) else None
+    if multiband is not None:
+        raise multiband
     try:
         with Image.open(path) as img:
             img.load()
             return to_rgb8(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        from .multiband import _tiff_bands  # the multi-band module imports this one
-
-        bands = _tiff_bands(path)
-        if bands is not None and bands not in (1, 3, 4):  # Pillow reads 1-, 3- and 4-band TIFFs itself
-            raise unreadable(f"image {path} is a {bands}-band TIFF, not an RGB image",
-                             f"pass --bands {bands} to read multi-band images", broken=False) from None
-        raise _broken(path, err) from None
+        raise broken_image(path, err) from None
 
 
 def to_rgb8(img):
@@ -149,7 +135,6 @@ def read_image(path, bands=3):
     """An 8-bit RGB Pillow image (bands == 3), else a float C x H x W tensor of the bands."""
     if bands == 3:
         return read_rgb(path)
-    from .multiband import read_multiband  # the multi-band module imports this one
     return read_multiband(path, bands)
 
 
@@ -159,11 +144,19 @@ class SceneDataset(Dataset):
     Item i is {"img", "label", "idx": i}; idx is the memory row the sample owns.
     """
 
-    def __init__(self, root, dataset, split, ext="tif", transform=None, bands=3):
+    def __init__(self, root, dataset, split, ext="tif", transform=None, bands=3, split_file=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         folder = os.path.join(root, dataset)
         self.root, self.dataset, self.split, self.ext = root, dataset, split, ext
+        self.transform, self.bands = transform, bands
+        if split_file:  # the lists of the file (utils/split_lists.py), in its order
+            lists = read_split_file(split_file, folder)
+            self.classes = classes_of(lists)
+            label = {name: i for i, name in enumerate(self.classes)}
+            self.samples = [(os.path.join(folder, *rel.split("/")), label[rel.split("/", 1)[0]]) for rel in lists[split]]
+            self.labels = torch.tensor([y for _, y in self.samples], dtype=torch.long)
+            return
         self.classes = list_classes(folder)
         class_dirs = [os.path.join(folder, c) for c in self.classes]
         self.samples = []
@@ -176,8 +169,6 @@ class SceneDataset(Dataset):
                                 "non-empty train split; it needs at least 2")
             self.samples += [(path, label) for path in split_files(files, split)]
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
-        self.transform = transform
-        self.bands = bands
 
     def __len__(self):
         return len(self.samples)
@@ -190,87 +181,28 @@ class SceneDataset(Dataset):
         return {"img": img, "label": label, "idx": i}
 
 
-def train_transform(size=256):
+def train_transform(size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """mean/std: the backbone's pretrained normalisation (utils/weights.py input_spec)."""
     return transforms.Compose([
         transforms.Resize((size, size)),
         transforms.RandomGrayscale(p=0.2),
         transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(mean, std),
     ])
 
 
-def eval_transform(size=256):
+def eval_transform(size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return transforms.Compose([
         transforms.Resize((size, size)),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(mean, std),
     ])
 
 
 def remove_unreadable(datasets):
-    """Drop the samples whose image cannot be read from each dataset, in place
-    (for --skip-bad-images); returns the unreadable paths. Indices are re-numbered,
-    so memory rows still run 0..N-1.
-
-    Raises a UserError when what is left cannot be used: no image at all, a train or test split
-    left empty, or a class left without train images (an empty val split only costs the choice
-    of the best epoch). The message names the likely fix, which is seldom skipping more."""
-    from tqdm import tqdm
-
-    paths = sorted({path for ds in datasets for path, _ in ds.samples})
-    bad = {}
-    for path in tqdm(paths, desc="checking images", leave=False):
-        try:
-            read_image(path, datasets[0].bands)
-        except UserError as err:
-            bad[path] = err
-    before = [ds.samples for ds in datasets]
-    for ds in datasets:
-        ds.samples = [(p, y) for p, y in ds.samples if p not in bad]
-        ds.labels = torch.tensor([y for _, y in ds.samples], dtype=torch.long)
-    if bad:
-        _check_usable(datasets, before, bad, len(paths))
-    return sorted(bad)
-
-
-def _check_usable(datasets, before, bad, checked):
-    ds0 = datasets[0]
-    with_bands = f"with --bands {ds0.bands}"
-    if len(bad) == checked:
-        example = _example(bad.values())
-        raise UserError(f"every one of the {checked} .{ds0.ext} images was unreadable {with_bands} "
-                        f"(e.g. {_problem(example)}); {_fix(example, 'download or unpack the dataset again')}")
-    for ds, samples in zip(datasets, before):
-        if ds.split != "val" and samples and not ds.samples:
-            example = _example(bad[p] for p, _ in samples)
-            raise UserError(f"every {ds.split} image was unreadable {with_bands}, so --skip-bad-images left the "
-                            f"{ds.split} split empty (e.g. {_problem(example)}); "
-                            f"{_fix(example, 'replace the damaged files, or download the dataset again')}")
-        if ds.split == "train":
-            left = set(ds.labels.tolist())
-            for label, name in enumerate(ds.classes):
-                if label not in left:
-                    class_dir = os.path.join(ds.root, ds.dataset, name)
-                    example = _example(bad[p] for p, y in samples if y == label)
-                    raise UserError(
-                        f"every train image of class {name} was unreadable {with_bands}, so --skip-bad-images "
-                        f"left the class without train images (e.g. {_problem(example)}); "
-                        f"{_fix(example, f'replace the damaged images in {class_dir}, or remove that folder')}")
-
-
-def _example(errors):
-    """The error to show: one of the wrong kind of file if any, as its fix is the likely one for all."""
-    errors = list(errors)
-    return next((e for e in errors if not getattr(e, "broken", True)), errors[0])
-
-
-def _problem(err):
-    return getattr(err, "problem", str(err))
-
-
-def _fix(example, broken_fix):
-    if not getattr(example, "broken", True):
-        return example.fix
-    return f"the files are damaged or not images (a failed download often saves an error page): {broken_fix}"
+    """Drop the samples whose image cannot be read from each dataset, in place (for
+    --skip-bad-images); returns the unreadable paths (utils/image_check.py says what is checked
+    and refused)."""
+    return check_images(datasets, skip=True)

@@ -28,7 +28,7 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, read_rgb
-from .splits import ignore_stop_signals, sample_seed
+from .loader_workers import ignore_stop_signals, sample_seed
 
 GRAYSCALE_P = 0.2
 BRIGHTNESS = CONTRAST = SATURATION = (0.6, 1.4)  # ColorJitter(0.4, ...): factors in [1 - 0.4, 1 + 0.4]
@@ -61,8 +61,10 @@ class CachedImages:
     (float32 would take four times that). Decoding runs in `num_workers` DataLoader workers.
     """
 
-    def __init__(self, dataset, size=256, num_workers=0, batch_size=64, progress=True):
+    def __init__(self, dataset, size=256, num_workers=0, batch_size=64, progress=True, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
         self.size = int(size)
+        self.mean, self.std = tuple(mean), tuple(std)  # the backbone's normalisation, applied per batch
         self.labels = dataset.labels.clone()
         self.images = torch.empty(len(dataset.samples), 3, self.size, self.size, dtype=torch.uint8)
         loader = DataLoader(_Decode(dataset.samples, self.size), batch_size=batch_size,
@@ -190,10 +192,10 @@ def _to_unit_(x_uint8, out):
     return torch.div(x_uint8, 255, out=out)
 
 
-def _normalize_(x):
+def _normalize_(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     # Normalize's sub_/div_, so eval outputs are identical to eval_transform's.
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return x.sub_(mean).div_(std)
 
 
@@ -205,27 +207,27 @@ def _sub_batches(x):
     return [slice(a, a + step) for a in range(0, n, step)]
 
 
-def normalize_batch(x_uint8):
+def normalize_batch(x_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Eval: uint8 B x 3 x S x S -> normalised float, equal to eval_transform on each image."""
     out = torch.empty(x_uint8.shape, dtype=torch.float32, device=x_uint8.device)
     for part in _sub_batches(x_uint8):
-        _normalize_(_to_unit_(x_uint8[part], out[part]))
+        _normalize_(_to_unit_(x_uint8[part], out[part]), mean, std)
     return out
 
 
-def augment_batch(x_uint8, generator=None, out=None):
+def augment_batch(x_uint8, generator=None, out=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Train: uint8 B x 3 x S x S -> augmented, normalised float32 on the same device (into `out`
     when given). The per-image random choices come from `generator` (a CPU torch.Generator) or
     torch's global RNG."""
-    return _augment(x_uint8, sample_augmentation(len(x_uint8), generator), out)
+    return _augment(x_uint8, sample_augmentation(len(x_uint8), generator), out, mean, std)
 
 
-def _augment(x_uint8, params, out=None):
+def _augment(x_uint8, params, out=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     if out is None:
         out = torch.empty(x_uint8.shape, dtype=torch.float32, device=x_uint8.device)
     for part in _sub_batches(x_uint8):
         x = _to_unit_(x_uint8[part], out[part])
-        _normalize_(apply_augmentation_(x, {k: v[part] for k, v in params.items()}))
+        _normalize_(apply_augmentation_(x, {k: v[part] for k, v in params.items()}), mean, std)
     return out
 
 
@@ -246,7 +248,7 @@ class _BatchJobs(Dataset):
         out = torch.empty(0, dtype=torch.float32)
         if torch.utils.data.get_worker_info() is not None:  # as default_collate does
             out = out.new(out._typed_storage()._new_shared(x.numel(), device=out.device))
-        out = _augment(x, params, out.resize_(x.shape))
+        out = _augment(x, params, out.resize_(x.shape), self.cache.mean, self.cache.std)
         return {"img": out, "label": self.cache.labels[idx], "idx": idx}
 
 
@@ -298,5 +300,6 @@ class CachedBatches:
             if self.device.type == "cuda":
                 x = x.pin_memory()  # lets the copy below run asynchronously
             x = x.to(self.device, non_blocking=True)
-            img = _augment(x, params) if self.augment else normalize_batch(x)
+            norm = self.cache.mean, self.cache.std
+            img = _augment(x, params, None, *norm) if self.augment else normalize_batch(x, *norm)
             yield {"img": img, "label": self.cache.labels[idx], "idx": idx}

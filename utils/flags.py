@@ -55,7 +55,11 @@ def build_parser(description, method_cls=None, epilog=None):
                         "folder's checkpoint_last.pth (--out/--name) when it exists, else a fresh start")
     p.add_argument("--dim", type=int, default=128, help="hash code length L in bits")
     p.add_argument("--imgEXT", default=None, help="image file extension (default: the dataset's own, else tif)")
-    p.add_argument("--model", default="resnet18", choices=("resnet18", "resnet50"), help="backbone")
+    p.add_argument("--model", default="resnet18", metavar="NAME",
+                   help="backbone: resnet18 or resnet50 (torchvision, ImageNet V1 weights: the paper's) or any "
+                        "timm model name, e.g. convnext_atto, efficientnet_b0, vit_tiny_patch16_224 (trained at "
+                        "--img-size); list timm's names with "
+                        "python -c \"import timm; print(timm.list_models('convnext*'))\"")
     # Additions.
     p.add_argument("--img-size", type=int, default=256, help="images are resized to S x S")
     p.add_argument("--bands", type=int, default=3,
@@ -65,11 +69,19 @@ def build_parser(description, method_cls=None, epilog=None):
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and augmentation")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs"), help="root folder for run folders")
     p.add_argument("--name", default=None, help="run folder name (default: method_dataset_model_bits_time)")
-    p.add_argument("--no-pretrained", action="store_true", help="random initialisation instead of ImageNet weights")
-    p.add_argument("--weights", default=None, metavar="PATH", help="local torchvision ResNet state_dict to start from")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="random initialisation instead of pretrained weights (ImageNet's, timm's default tag)")
+    p.add_argument("--weights", default=None, metavar="PATH",
+                   help="start from a state_dict file of the backbone (torch.save or .safetensors, timm's or "
+                        "torchvision's key names; with --bands N a first layer of N bands is kept), or "
+                        "torchgeo:ENUM, e.g. torchgeo:ResNet18_Weights.SENTINEL2_ALL_MOCO (Sentinel-2 weights, "
+                        "downloaded and verified; bands reordered to the weights' order, their own scaling)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate on val every N epochs (and after the last)")
     p.add_argument("--topk", type=int, default=100, help="R of mAP@R, the model-selection score")
     p.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 where supported, else float16)")
+    p.add_argument("--split-file", default=None, metavar="PATH",
+                   help="JSON file of the train/val/test image lists, paths relative to <data>/<dataset> "
+                        "(README: Datasets; data/prepare.py split writes ours); default: 70/10/20 per class, seed 42")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="check every image first and leave out unreadable ones (with a warning and a count)")
     p.add_argument("--pipeline", default="auto", choices=("auto", "pil", "cached"),
@@ -111,6 +123,8 @@ def check_args(args):
         raise UserError("--pipeline cached reads RGB images only; use --pipeline pil with --bands")
     if args.no_pretrained and args.weights:
         raise UserError("--no-pretrained and --weights contradict each other; pass one of them")
+    from .backbones import check_model_name  # timm is imported only for names other than the paper's
+    check_model_name(args.model)
     args.imgEXT = image_extension(args.dataset, args.imgEXT)
 
 

@@ -31,13 +31,8 @@ and the reference 7.1 s, 4-5 times as long (docs/benchmarks_fastpaths.md).
 import torch
 import torch.nn.functional as F
 
+from .codes import binarize  # noqa: F401 - part of this module's interface
 from .rank_counting import RankCounts
-
-
-def binarize(codes):
-    """+-1 float32 codes: +1 where the value is > 0, else -1 (docs/method.md section 2)."""
-    codes = torch.as_tensor(codes)
-    return torch.where(codes > 0, 1.0, -1.0).to(torch.float32)
 
 
 # ----------------------------------------------------------------------------- the definition

@@ -6,33 +6,13 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from .data import _broken, unreadable
 from .errors import UserError
+from .image_files import broken_image as _broken
+from .image_files import is_tiff as _is_tiff
+from .image_files import unreadable
 
-TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
 MULTIBAND_FIX = ("--bands other than 3 reads multi-band .tif files: pass --bands 3 for RGB images, "
                  "or point --imgEXT/--dataset at the multi-band .tif files")
-
-
-def _is_tiff(path):
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) in TIFF_MAGIC
-    except OSError:
-        return False
-
-
-def _tiff_bands(path):
-    """The number of bands of a TIFF that tifffile can read, else None."""
-    import tifffile
-
-    if not _is_tiff(path):
-        return None
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return tif.pages[0].samplesperpixel
-    except Exception:  # noqa: BLE001 - a damaged TIFF has no band count to report
-        return None
 
 
 def _band_count(shape, bands):
@@ -108,18 +88,33 @@ def band_statistics(dataset):
     return mean.tolist(), std.tolist()
 
 
-def multiband_train_transform(size, mean, std):
+class SelectBands(torch.nn.Module):
+    """The file's bands at `order`, in that order (the order pretrained weights expect)."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order = list(order)
+
+    def forward(self, x):
+        return x[self.order]
+
+
+def multiband_train_transform(size, mean, std, band_order=None):
     """Multispectral training: resize (antialiased), horizontal flip, per-band normalisation.
-    The colour augmentations of the RGB pipeline have no meaning for 13 bands and are left out."""
-    return transforms.Compose([
+    The colour augmentations of the RGB pipeline have no meaning for 13 bands and are left out.
+    band_order: the file bands the network takes, in its order (None: all, as read); mean/std
+    are then per selected band (e.g. the weights' own scaling)."""
+    select = [SelectBands(band_order)] if band_order is not None else []
+    return transforms.Compose(select + [
         transforms.Resize((size, size), antialias=True),
         transforms.RandomHorizontalFlip(),
         transforms.Normalize(mean, std),
     ])
 
 
-def multiband_eval_transform(size, mean, std):
-    return transforms.Compose([
+def multiband_eval_transform(size, mean, std, band_order=None):
+    select = [SelectBands(band_order)] if band_order is not None else []
+    return transforms.Compose(select + [
         transforms.Resize((size, size), antialias=True),
         transforms.Normalize(mean, std),
     ])

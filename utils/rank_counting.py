@@ -5,6 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .codes import binarize
+
 # How it is computed, without sorting. Distances are integers 0..L, so the stable ranking is
 # a counting sort: the 1-based rank of item j is
 #
@@ -36,7 +38,6 @@ import torch
 _KEY_BITS = (1 << 23) - 1  # a float32 integer 2^23 + k (k < 2^23) holds k in these bits
 _GROUP_ITEMS = 1 << 17     # relevant (query, item) pairs handled together on CPU
 _CHUNK_BYTES = 256 << 20   # working memory of the chunks in flight, about (the database's codes come on top)
-
 _M1, _M2, _M4, _H01 = 0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101  # popcount
 
 
@@ -46,7 +47,6 @@ def _float32_matmul_is_exact():
         return torch.get_float32_matmul_precision() == "highest"
     except RuntimeError:  # newer torch, when the per-backend fp32_precision API was used
         return False
-
 
 
 class _Buffers:
@@ -81,110 +81,8 @@ def _popcount_(x, tmp):
     return x
 
 
-class RankCounts:
-    """Per-query metric values (float64 tensors of length Q), computed chunk by chunk."""
-
-    def __init__(self, query_codes, query_labels, db_codes, db_labels, topk=(), radius=2,
-                 chunk_size=None, max_bytes=None):
-        device = torch.as_tensor(query_codes).device
-        from .metrics import binarize  # the module that defines the metrics imports this one
-        bq = binarize(query_codes).to(device)
-        bd = binarize(db_codes).to(device)
-        yq = torch.as_tensor(query_labels).to(device)
-        yd = torch.as_tensor(db_labels).to(device)
-        if bq.dim() != 2 or bd.dim() != 2 or bq.shape[1] != bd.shape[1]:
-            raise ValueError(f"codes must be (n, L) with the same L, got {tuple(bq.shape)} and {tuple(bd.shape)}")
-        if (yq.dim() not in (1, 2) or yq.dim() != yd.dim() or len(yq) != len(bq) or len(yd) != len(bd)
-                or yq.shape[1:] != yd.shape[1:]):
-            raise ValueError("labels must be 1-D class ids or 2-D multi-hot rows (same width), one per code")
-        if any(k < 1 for k in topk):
-            raise ValueError(f"top-K values must be >= 1, got {topk}")
-        n_q, L = bq.shape
-        n_db = bd.shape[0]
-        if n_db == 0:
-            raise ValueError("empty database")
-        self.n_q, self.L, self.n_db, self.device = n_q, L, n_db, device
-        self.topk, self.radius = topk, radius
-
-        # Table geometry: the low `c` bits of an entry count (running sums reach n_db + 1),
-        # the other 64 - c bits are the block mask.
-        self.c = (n_db + 1).bit_length()
-        self.block = block = 64 - self.c
-        self.nb = nb = -(-n_db // block) + (-(-n_db // block)) % 2     # even, so nb / 2 is an integer
-        self.row = (L + 1) * nb + 1                                     # entry 0: pad holding a count of 1
-        j = torch.arange(n_db, device=device)
-        one = torch.ones_like(j)
-        self.w_db = 1 + torch.bitwise_left_shift(one, self.c + j % block)   # count 1 + own mask bit
-        self.below = torch.bitwise_left_shift(torch.bitwise_left_shift(one, j % block) - 1, self.c)
-
-        # key = 1 + d * nb + block = [-(nb/2) b_q, 1] . [b_j, 2^23 + L nb/2 + 1 + block_j] - 2^23.
-        # Every partial sum is an integer in [2^22, 2^24), so a float32 matmul is exact (unless
-        # float32 matmuls may drop precision: TF32/bf16), and the 2^23 offset puts the key in
-        # the low 23 bits of the float's bit pattern: an in-place mask turns it into int32.
-        # Otherwise (huge databases) keys come from a float64 matmul as int64.
-        self.exact32 = self.row + nb < 2 ** 23 and _float32_matmul_is_exact()
-        kd = torch.float32 if self.exact32 else torch.float64
-        offset = 2 ** 23 if self.exact32 else 0
-        self.ad_t = torch.cat([bd.to(kd), (offset + L * nb // 2 + 1 + j // block)[:, None].to(kd)], 1).t().contiguous()
-        self.aq = torch.cat([bq.to(kd) * (-nb / 2), torch.ones(n_q, 1, dtype=kd, device=device)], 1)
-
-        # Per-query results, in the caller's query order (chunking cannot change them).
-        f64 = dict(dtype=torch.float64, device=device)
-        self.ap = torch.zeros(n_q, **f64)
-        self.ap_at = {k: torch.zeros(n_q, **f64) for k in topk}
-        self.p_at = {k: torch.zeros(n_q, **f64) for k in topk}
-        self.cum_all = torch.zeros(n_q, L + 1, dtype=torch.int64, device=device)   # #{d <= r}
-        self.cum_rel = torch.zeros(n_q, L + 1, dtype=torch.int64, device=device)   # relevant ones
-
-        # Chunks: a class's queries share their relevant items (single-label); multi-hot
-        # labels get theirs per chunk. Chunk rows come from the byte budget (on CPU the keys;
-        # tables, bitmaps and relevant items go by query or by small groups of queries).
-        self.multi = yq.dim() == 2
-        workers = torch.get_num_threads() if device.type == "cpu" else 1
-        n_rel_max, tasks = n_db, []
-        if not self.multi:
-            db_order = torch.argsort(yd, stable=True)                      # by class, index order inside
-            classes, counts = torch.unique_consecutive(yd[db_order], return_counts=True)
-            n_rel_max = int(counts.max())
-        per_query = n_db * (self.ad_t.dtype.itemsize + (0 if self.exact32 else 8))   # the keys
-        if device.type != "cpu":   # batched: a table, int64 keys, a bitmap and the relevant items per row
-            per_query += self.row * 8 + n_db * 13 + n_rel_max * 40
-        budget = (max_bytes or _CHUNK_BYTES) / workers
-        rows = int(chunk_size) if chunk_size is not None else max(1, int(budget // per_query))
-        if self.multi:
-            self.yq, self.yd_t = yq.float(), yd.float().t().contiguous()
-            tasks = [(torch.arange(a, min(a + rows, n_q), device=device), None) for a in range(0, n_q, rows)]
-        else:
-            groups = dict(zip(classes.tolist(), zip((torch.cumsum(counts, 0) - counts).tolist(), counts.tolist())))
-            q_order = torch.argsort(yq, stable=True)
-            q_classes, q_counts = torch.unique_consecutive(yq[q_order], return_counts=True)
-            start = 0
-            for c, n in zip(q_classes.tolist(), q_counts.tolist()):
-                if c in groups:   # a class absent from the database: nothing relevant, all metrics 0
-                    a, m = groups[c]
-                    tasks += [(q_order[s:min(s + rows, start + n)], db_order[a:a + m])
-                              for s in range(start, start + n, rows)]
-                start += n
-        self._run(tasks, workers)
-
-    def _run(self, tasks, workers):
-        if workers <= 1 or len(tasks) <= 1:
-            buf = _Buffers(self.device)
-            for qi, rel_idx in tasks:
-                self._chunk(qi, rel_idx, buf)
-            return
-        local = threading.local()
-
-        def init():
-            torch.set_num_threads(1)   # this thread's ops run serially (restored for all below)
-            local.buf = _Buffers(self.device)
-
-        try:
-            with ThreadPoolExecutor(workers, initializer=init) as pool:
-                for _ in pool.map(lambda task: self._chunk(*task, local.buf), tasks):
-                    pass
-        finally:
-            torch.set_num_threads(workers)
+class _CountingPasses:
+    """The passes over one chunk of queries described above; RankCounts sets up what they use."""
 
     def _chunk(self, qi, rel_idx, buf):
         """Metrics of queries `qi`. rel_idx: database indices of the relevant items, in index
@@ -327,7 +225,109 @@ class RankCounts:
             torch.gather(hits, 0, read[q], out=counts[q])
             torch.mul(hits[:w], bitmap[:w], out=top_hits[q])
 
-    # ------------------------------------------------------------------ reductions
+
+class RankCounts(_CountingPasses):
+    """Per-query metric values (float64 tensors of length Q), computed chunk by chunk."""
+
+    def __init__(self, query_codes, query_labels, db_codes, db_labels, topk=(), radius=2, chunk_size=None, max_bytes=None):
+        device = torch.as_tensor(query_codes).device
+        bq = binarize(query_codes).to(device)
+        bd = binarize(db_codes).to(device)
+        yq = torch.as_tensor(query_labels).to(device)
+        yd = torch.as_tensor(db_labels).to(device)
+        if bq.dim() != 2 or bd.dim() != 2 or bq.shape[1] != bd.shape[1]:
+            raise ValueError(f"codes must be (n, L) with the same L, got {tuple(bq.shape)} and {tuple(bd.shape)}")
+        if (yq.dim() not in (1, 2) or yq.dim() != yd.dim() or len(yq) != len(bq) or len(yd) != len(bd)
+                or yq.shape[1:] != yd.shape[1:]):
+            raise ValueError("labels must be 1-D class ids or 2-D multi-hot rows (same width), one per code")
+        if any(k < 1 for k in topk):
+            raise ValueError(f"top-K values must be >= 1, got {topk}")
+        n_q, L = bq.shape
+        n_db = bd.shape[0]
+        if n_db == 0:
+            raise ValueError("empty database")
+        self.n_q, self.L, self.n_db, self.device = n_q, L, n_db, device
+        self.topk, self.radius = topk, radius
+
+        # Table geometry: the low `c` bits of an entry count (running sums reach n_db + 1),
+        # the other 64 - c bits are the block mask.
+        self.c = (n_db + 1).bit_length()
+        self.block = block = 64 - self.c
+        self.nb = nb = -(-n_db // block) + (-(-n_db // block)) % 2     # even, so nb / 2 is an integer
+        self.row = (L + 1) * nb + 1                                     # entry 0: pad holding a count of 1
+        j = torch.arange(n_db, device=device)
+        one = torch.ones_like(j)
+        self.w_db = 1 + torch.bitwise_left_shift(one, self.c + j % block)   # count 1 + own mask bit
+        self.below = torch.bitwise_left_shift(torch.bitwise_left_shift(one, j % block) - 1, self.c)
+
+        # key = 1 + d * nb + block = [-(nb/2) b_q, 1] . [b_j, 2^23 + L nb/2 + 1 + block_j] - 2^23.
+        # Every partial sum is an integer in [2^22, 2^24), so a float32 matmul is exact (unless
+        # float32 matmuls may drop precision: TF32/bf16), and the 2^23 offset puts the key in
+        # the low 23 bits of the float's bit pattern: an in-place mask turns it into int32.
+        # Otherwise (huge databases) keys come from a float64 matmul as int64.
+        self.exact32 = self.row + nb < 2 ** 23 and _float32_matmul_is_exact()
+        kd = torch.float32 if self.exact32 else torch.float64
+        offset = 2 ** 23 if self.exact32 else 0
+        self.ad_t = torch.cat([bd.to(kd), (offset + L * nb // 2 + 1 + j // block)[:, None].to(kd)], 1).t().contiguous()
+        self.aq = torch.cat([bq.to(kd) * (-nb / 2), torch.ones(n_q, 1, dtype=kd, device=device)], 1)
+
+        # Per-query results, in the caller's query order (chunking cannot change them).
+        f64 = dict(dtype=torch.float64, device=device)
+        self.ap = torch.zeros(n_q, **f64)
+        self.ap_at = {k: torch.zeros(n_q, **f64) for k in topk}
+        self.p_at = {k: torch.zeros(n_q, **f64) for k in topk}
+        self.cum_all = torch.zeros(n_q, L + 1, dtype=torch.int64, device=device)   # #{d <= r}
+        self.cum_rel = torch.zeros(n_q, L + 1, dtype=torch.int64, device=device)   # relevant ones
+
+        # Chunks: a class's queries share their relevant items (single-label); multi-hot
+        # labels get theirs per chunk. Chunk rows come from the byte budget (on CPU the keys;
+        # tables, bitmaps and relevant items go by query or by small groups of queries).
+        self.multi = yq.dim() == 2
+        workers = torch.get_num_threads() if device.type == "cpu" else 1
+        n_rel_max, tasks = n_db, []
+        if not self.multi:
+            db_order = torch.argsort(yd, stable=True)                      # by class, index order inside
+            classes, counts = torch.unique_consecutive(yd[db_order], return_counts=True)
+            n_rel_max = int(counts.max())
+        per_query = n_db * (self.ad_t.dtype.itemsize + (0 if self.exact32 else 8))   # the keys
+        if device.type != "cpu":   # batched: a table, int64 keys, a bitmap and the relevant items per row
+            per_query += self.row * 8 + n_db * 13 + n_rel_max * 40
+        budget = (max_bytes or _CHUNK_BYTES) / workers
+        rows = int(chunk_size) if chunk_size is not None else max(1, int(budget // per_query))
+        if self.multi:
+            self.yq, self.yd_t = yq.float(), yd.float().t().contiguous()
+            tasks = [(torch.arange(a, min(a + rows, n_q), device=device), None) for a in range(0, n_q, rows)]
+        else:
+            groups = dict(zip(classes.tolist(), zip((torch.cumsum(counts, 0) - counts).tolist(), counts.tolist())))
+            q_order = torch.argsort(yq, stable=True)
+            q_classes, q_counts = torch.unique_consecutive(yq[q_order], return_counts=True)
+            start = 0
+            for c, n in zip(q_classes.tolist(), q_counts.tolist()):
+                if c in groups:   # a class absent from the database: nothing relevant, all metrics 0
+                    a, m = groups[c]
+                    tasks += [(q_order[s:min(s + rows, start + n)], db_order[a:a + m])
+                              for s in range(start, start + n, rows)]
+                start += n
+        self._run(tasks, workers)
+
+    def _run(self, tasks, workers):
+        if workers <= 1 or len(tasks) <= 1:
+            buf = _Buffers(self.device)
+            for qi, rel_idx in tasks:
+                self._chunk(qi, rel_idx, buf)
+            return
+        local = threading.local()
+
+        def init():
+            torch.set_num_threads(1)   # this thread's ops run serially (restored for all below)
+            local.buf = _Buffers(self.device)
+
+        try:
+            with ThreadPoolExecutor(workers, initializer=init) as pool:
+                list(pool.map(lambda task: self._chunk(*task, local.buf), tasks))
+        finally:
+            torch.set_num_threads(workers)
+
     def mean(self, per_query):
         return float(per_query.mean()) if self.n_q else 0.0
 

@@ -2,7 +2,11 @@
 (network, method state, optimiser, schedule, progress, best score, every rank's RNG states),
 and a fingerprint of the method's shared state from every rank."""
 import argparse
+import json
 import os
+import shlex
+import shutil
+import tempfile
 import time
 
 import torch
@@ -21,7 +25,7 @@ class RunFolder:
         answer = [self._make(args, method_name) if dist.is_main() else None]
         if dist.is_distributed():
             torch.distributed.broadcast_object_list(answer, src=0)
-        self.path, error = answer[0]
+        self.path, error, self.created = answer[0]
         if error:
             raise UserError(error)
         self.last = os.path.join(self.path, "checkpoint_last.pth")
@@ -31,15 +35,17 @@ class RunFolder:
 
     @staticmethod
     def _make(args, method_name):
-        """(folder, None), or (None, the problem) without raising."""
+        """(folder, None, whether this run created it), or (None, the problem, False) without raising."""
         if args.resume:
             path = os.path.dirname(os.path.abspath(args.resume))
         else:
             name = args.name or f"{method_name}_{args.dataset}_{args.model}_{args.dim}bit_" + time.strftime("%Y%m%d-%H%M%S")
             path = os.path.join(args.out, name)
             if os.path.exists(os.path.join(path, "checkpoint_last.pth")):
-                return None, (f"run folder {path} already holds a checkpoint; continue it with --resume "
-                              f"{os.path.join(path, 'checkpoint_last.pth')} (or --resume auto) or choose another --name")
+                return None, (f"run folder {path} already holds a checkpoint; continue it with: "
+                              f"{resume_command(method_name, os.path.join(path, 'checkpoint_last.pth'))} "
+                              "(or --resume auto), or choose another --name"), False
+        created = not os.path.exists(path)
         try:
             os.makedirs(path, exist_ok=True)
             probe = os.path.join(path, ".write-test")
@@ -47,14 +53,55 @@ class RunFolder:
                 fh.write("ok")
             os.remove(probe)
         except OSError as err:
-            return None, f"cannot write to the run folder {path} ({err.strerror}); pass a writable --out"
-        return path, None
+            return None, f"cannot write to the run folder {path} ({err.strerror}); pass a writable --out", False
+        return path, None, created
+
+    def discard_if_unused(self):
+        """Remove the folder this run created when the run failed before its first checkpoint:
+        only what the trainer writes first (args.json, tensorboard/), and the folder if that
+        leaves it empty. A folder with a checkpoint or results, or one that existed before, stays."""
+        if not (dist.is_main() and self.created) or any(
+                os.path.exists(p) for p in (self.last, self.best, self.results)):
+            return
+        if os.path.isfile(os.path.join(self.path, "args.json")):
+            os.remove(os.path.join(self.path, "args.json"))
+        shutil.rmtree(self.tensorboard, ignore_errors=True)
+        try:
+            os.rmdir(self.path)
+        except OSError:  # something else is in there: not ours to remove
+            pass
 
     def save(self, state, best=False):
         if dist.is_main():
             ckpt_io.atomic_save(state, self.last)
             if best:
                 ckpt_io.atomic_save(state, self.best)
+
+
+# The script that trains each method (utils.trainer.run's `script`), for messages that say how to go on.
+SCRIPTS = {"MB": "train_MB/main.py", "MU": "train/main.py"}
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script_of(variant):
+    """The command (script and flags) that trains `variant`, e.g. 'train_MB/main.py' or
+    'baselines/main.py --method dpsh', the script's path relative to the working directory."""
+    script, *flags = (SCRIPTS.get(variant) or f"baselines/main.py --method {variant.lower()}").split()
+    return " ".join([shlex.quote(os.path.relpath(os.path.join(REPO_ROOT, script)))] + flags)
+
+
+def resume_command(variant, checkpoint):
+    """The full command line that continues a run of `variant` from `checkpoint`."""
+    return f"python {script_of(variant)} --resume {shlex.quote(checkpoint)}"
+
+
+def check_variant(ckpt, variant, path):
+    """Refuse a checkpoint made by another method's script, naming the one that made it
+    (before anything else looks at it: a finished run of another method is not "finished" here)."""
+    made = ckpt.get("config", {}).get("variant")
+    if made is not None and made != variant:
+        raise UserError(f"checkpoint {path} was made by {script_of(made)} ({made}), not by this script "
+                        f"({variant}); continue it with: {resume_command(made, path)}")
 
 
 def run_config(args, method_name, splits):
@@ -64,7 +111,32 @@ def run_config(args, method_name, splits):
               "img_size": args.img_size, "classes": splits.classes}
     if getattr(splits, "band_stats", None):
         config["band_mean"], config["band_std"] = splits.band_stats
+    if getattr(splits, "input", None):  # bands, their order and normalisation (utils/weights.py input_spec)
+        config["input"] = splits.input
     return config
+
+
+def write_json_atomic(path, obj):
+    """JSON to a temporary file in the same folder, then renamed over `path`: a kill mid-write
+    leaves the previous file (or none), never half a file that the table cannot read."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def device_kind(device):
+    """What a run's seconds were spent on: "cpu", or "cuda" with the GPU's name."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
 
 def plain_args(args):
@@ -76,8 +148,9 @@ def plain_args(args):
 
 
 # Flags that may differ from the checkpoint's when a run is resumed: they change how the run
-# goes on, not what it computes (--data: the same dataset, moved; --out/--name: where to find it).
-RESUME_OVERRIDES = ("epochs", "num_workers", "device", "eval_every", "data", "out", "name", "resume")
+# goes on, not what it computes (--data: the same dataset, moved; --out/--name: where to find it;
+# --split-file: the same split, moved, which utils.splits checks by the hash the run recorded).
+RESUME_OVERRIDES = ("epochs", "num_workers", "device", "eval_every", "data", "out", "name", "resume", "split_file")
 
 
 def given_flags(parser, argv):
@@ -141,7 +214,8 @@ def training_state(trainer):
             "epoch": trainer.epoch, "step": trainer.step_in_epoch, "epoch_sums": trainer.epoch_sums,
             "model": trainer.model.state_dict(), "method": trainer.method.state_dict(),
             "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-            "scaler": trainer.scaler.state_dict(), "best": trainer.best, "rng": [g["rng"] for g in gathered],
+            "scaler": trainer.scaler.state_dict(), "best": trainer.best, "train_seconds": trainer.train_seconds,
+            "rng": [g["rng"] for g in gathered],
             "fingerprints": [g["fingerprint"] for g in gathered]}
 
 
@@ -156,6 +230,7 @@ def restore(trainer, ckpt, path):
         trainer.scaler.load_state_dict(ckpt["scaler"])
     trainer.epoch, trainer.step_in_epoch = ckpt["epoch"], ckpt["step"]
     trainer.epoch_sums, trainer.best = ckpt["epoch_sums"], ckpt["best"]
+    trainer.train_seconds = ckpt.get("train_seconds", 0.0)  # older checkpoints did not count
     rng = ckpt["rng"]
     ckpt_io.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
 

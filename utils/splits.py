@@ -1,19 +1,20 @@
 """The splits of a run and how they are batched: one epoch's order comes from (seed, epoch)."""
-import atexit
 import copy
-import multiprocessing
 import os
-import signal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as dist
-from .data import SceneDataset, eval_transform, remove_unreadable, train_transform
+from .data import SceneDataset, eval_transform, train_transform
+from .image_check import check_images
 from .multiband import band_statistics, multiband_eval_transform, multiband_train_transform
+from .weights import input_spec
 from .digits import make_digits
 from .errors import UserError
 from .flags import choose_pipeline
+from .loader_workers import ignore_stop_signals, sample_seed  # noqa: F401 - also used by the cached pipeline
+from .split_lists import check_split_sizes, lists_sha256, relative_lists
 
 
 class EpochBatches:
@@ -53,11 +54,6 @@ class EpochBatches:
             yield batch.tensor_split(self.world_size)[self.rank].tolist()
 
 
-def sample_seed(seed, epoch, index):
-    """The seed of one sample's augmentation in one epoch."""
-    return (seed * 1_000_003 + epoch) * 1_000_003 + index
-
-
 class PerSampleAugmentation(Dataset):
     """A split whose random transform draws from (seed, epoch, sample index) alone, so that a
     run is the same with any number of loader workers or processes, and resumes exactly
@@ -75,26 +71,6 @@ class PerSampleAugmentation(Dataset):
             torch.manual_seed(sample_seed(self.seed, self.epoch, i))
             item["img"] = self.transform(item["img"])
         return item
-
-
-def ignore_stop_signals(_=None):
-    """Loader workers leave SIGINT, SIGTERM and SIGUSR1 to the main process, which stops the
-    run cleanly and then shuts them down (a signal to the process group reaches them too)."""
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, signal.SIG_IGN)
-
-
-@atexit.register
-def _kill_leftover_workers():
-    """Loader workers that an error left running are killed at exit. multiprocessing's own exit
-    handler would send them SIGTERM, which they ignore, and wait for them forever."""
-    workers = multiprocessing.active_children()
-    if workers:
-        # The loader's SIGCHLD handler would report the kills as a crash, with a traceback.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for worker in workers:
-        worker.kill()
-        worker.join(timeout=5)
 
 
 def _loader(dataset, batches, args, epoch=0):
@@ -117,22 +93,28 @@ class Splits:
             dist.barrier()
         S, ext, bands = args.img_size, args.imgEXT, args.bands
         self.args = args
-        self.train, self.val, self.test = (SceneDataset(args.data, args.dataset, split, ext, bands=bands)
-                                           for split in ("train", "val", "test"))
+        # What the network takes (bands, their order, normalisation): from the backbone and its weights.
+        self.input = input_spec(args)
+        split_file = getattr(args, "split_file", None)
+        self.train, self.val, self.test = (SceneDataset(args.data, args.dataset, split, ext, bands=bands,
+                                                        split_file=split_file) for split in ("train", "val", "test"))
         self.db = copy.copy(self.train)  # the same samples as the database, with the eval transform
         self.classes = self.train.classes
-        if args.skip_bad_images:
-            bad = remove_unreadable([self.train, self.db, self.val, self.test])
-            if dist.is_main():
-                for path in bad[:20]:
-                    print(f"warning: skipping unreadable image {path}")
-                print(f"skipped {len(bad)} unreadable image(s)" + (" (first 20 listed)" if len(bad) > 20 else ""))
-        if len(self.val) == 0 and dist.is_main():
-            print("warning: the val split is empty (classes of fewer than 10 images); the best epoch "
-                  "cannot be chosen and stays the first evaluated one")
+        # Before anything is trained or written: every image opened once, every split usable.
+        bad = check_images([self.train, self.db, self.val, self.test], skip=args.skip_bad_images)
+        if bad and dist.is_main():
+            for path in bad[:20]:
+                print(f"warning: skipping unreadable image {path}")
+            print(f"skipped {len(bad)} unreadable image(s)" + (" (first 20 listed)" if len(bad) > 20 else ""))
+        check_split_sizes(self.train, self.val, self.test, warn=print if dist.is_main() else lambda _: None)
+        self.split_sha256 = self._check_split(args, split_file)
         self.band_stats = None
+        spec = self.input
         if bands == 3:
-            train_tf, eval_tf = train_transform(S), eval_transform(S)
+            train_tf, eval_tf = (tf(S, spec["mean"], spec["std"]) for tf in (train_transform, eval_transform))
+        elif spec["mean"] is not None:  # the weights' own scaling of the bands they take (torchgeo)
+            train_tf = multiband_train_transform(S, spec["mean"], spec["std"], spec["band_order"])
+            eval_tf = multiband_eval_transform(S, spec["mean"], spec["std"], spec["band_order"])
         else:
             # Per-band statistics from the train split, once; a resumed run keeps its own.
             self.band_stats = band_stats or band_statistics(self.train)
@@ -161,7 +143,22 @@ class Splits:
             from .fast_data import CachedImages
             for split in ("train", "val", "test"):
                 ds = getattr(self, split)
-                self.cache[split] = CachedImages(ds, S, num_workers=args.num_workers)
+                self.cache[split] = CachedImages(ds, S, num_workers=args.num_workers, mean=spec["mean"],
+                                                 std=spec["std"])
+
+    def _check_split(self, args, split_file):
+        """The sha256 of the lists this run uses, recorded in its flags (args.json, checkpoints);
+        a resumed run whose recorded split differs is refused."""
+        folder = os.path.join(args.data, args.dataset)
+        digest = lists_sha256(relative_lists((self.train, self.val, self.test), folder))
+        recorded = getattr(args, "split_sha256", None)
+        if args.resume and recorded and recorded != digest:
+            source = f"split file {split_file}" if split_file else "the 70/10/20 split per class of the folder"
+            raise UserError(f"checkpoint {args.resume} was trained on another split (sha256 {recorded[:12]}...) than "
+                            f"{source} gives now ({digest[:12]}...); resume with the run's own split file and "
+                            "dataset folder, or start a new run")
+        args.split_sha256 = digest
+        return digest
 
     def train_loader(self, epoch, start=0):
         self.train_batches.set_epoch(epoch, start)

@@ -5,7 +5,6 @@
 
 The trainer knows nothing of memories or key encoders: a method owns its state.
 """
-import json
 import os
 import signal
 import time
@@ -17,11 +16,12 @@ from tqdm import tqdm
 from . import checkpoint as ckpt_io
 from . import distributed as dist
 from .errors import UserError, exit_on_user_error
-from .evaluation import evaluate, log_test_pictures, tb_tag
+from .evaluation import evaluate, log_test_pictures, precision_at_k_curve, tb_tag
 from .flags import build_parser, check_amp, check_args, seed_everything, select_device
 from .method import StepBatch
-from .models import HashingNet
-from .run_state import RunFolder, plain_args, restore, resume_args, run_config, training_state
+from .models import network_for
+from .run_state import (RunFolder, check_variant, device_kind, plain_args, restore, resume_args, resume_command,
+                        run_config, training_state, write_json_atomic)
 from .splits import Splits
 
 
@@ -45,7 +45,7 @@ class Trainer:
         seed_everything(args.seed)
         # A resumed run loads its own weights: no download, no --weights file needed.
         pretrained = False if resume is not None else (args.weights or (not args.no_pretrained))
-        model = HashingNet(args.model, len(self.splits.classes), args.dim, pretrained, args.bands).to(self.device)
+        model = network_for(args, self.splits, pretrained).to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         self.model = model  # the network itself: evaluated and saved
@@ -69,6 +69,7 @@ class Trainer:
         self.config = run_config(args, method_cls.name, self.splits)
         self.epoch, self.step_in_epoch, self.epoch_sums = 0, 0, {}
         self.best = {"score": float("-inf"), "epoch": -1, "metrics": None}
+        self.train_seconds = 0.0  # training time of all epochs so far, resumed parts included (the run's cost)
         self.stop_signal = None
         self.run = RunFolder(args, method_cls.name)
         if resume is not None:
@@ -162,8 +163,7 @@ class Trainer:
         if dist.is_main():
             from tensorboardX import SummaryWriter
             writer = SummaryWriter(self.run.tensorboard)
-            with open(os.path.join(self.run.path, "args.json"), "w") as fh:
-                json.dump(plain_args(args), fh, indent=2)
+            write_json_atomic(os.path.join(self.run.path, "args.json"), plain_args(args))
             print(f"run folder:   {self.run.path}\n"
                   f"  tensorboard: tensorboard --logdir {self.run.tensorboard}\n"
                   f"  checkpoints: {self.run.last}, {self.run.best}\n"
@@ -172,8 +172,11 @@ class Trainer:
         try:
             while self.epoch < args.epochs:
                 started = time.perf_counter()
-                self.train_epoch(writer)
-                seconds = time.perf_counter() - started
+                try:
+                    self.train_epoch(writer)
+                finally:  # a stopped epoch's part counts too: its checkpoint carries the seconds on
+                    seconds = time.perf_counter() - started
+                    self.train_seconds += seconds
                 self.scheduler.step()
                 self.epoch, self.step_in_epoch, self.epoch_sums = self.epoch + 1, 0, {}
                 if writer is not None:
@@ -192,15 +195,20 @@ class Trainer:
             self.save()
             if dist.is_main():
                 print(f"stopped by {self.stop_signal} at step {self.step_in_epoch} of epoch {self.epoch + 1} "
-                      f"({self.epoch} finished); continue with --resume {self.run.last}")
+                      f"({self.epoch} finished); continue with: {resume_command(self.config['variant'], self.run.last)}")
             return 128 + signal.Signals[self.stop_signal]
+        except BaseException:
+            if writer is not None:
+                writer.close()
+                writer = None
+            self.run.discard_if_unused()  # a run that failed before its first checkpoint leaves no folder
+            raise
         finally:
             self._restore_signal_handlers(handlers)
             if writer is not None:
                 writer.close()  # also on errors: the events so far are kept
         if dist.is_main():
-            with open(self.run.results, "w") as fh:
-                json.dump(results, fh, indent=2)
+            write_json_atomic(self.run.results, results)
             key = f"mAP@{args.topk}"
             print(f"best epoch {results['best_epoch']}: val {key} {results['val'][key]:.4f}; "
                   f"test {key} {results['test'][key]:.4f}  P@20 {results['test']['P@20']:.4f}\n"
@@ -233,6 +241,9 @@ class Trainer:
         best_info = self.best
         test, q_codes, db_codes = evaluate(self.model, self.splits, "test", self.args, self.autocast,
                                            return_codes=True)
+        device = self.args.device_obj
+        test["precision_at_k"] = precision_at_k_curve(q_codes, self.splits.test.labels.to(device), db_codes,
+                                                      self.splits.db.labels.to(device))
         if writer is not None:
             for k, v in test.items():
                 if isinstance(v, float):
@@ -240,7 +251,8 @@ class Trainer:
             log_test_pictures(writer, self.splits, test, q_codes, db_codes, self.args.bands, best_info["epoch"])
         return {"variant": self.config["variant"], "dataset": self.args.dataset, "run_dir": self.run.path,
                 "best_epoch": best_info["epoch"], "val": best_info["metrics"], "test": test,
-                "args": plain_args(self.args)}
+                "args": plain_args(self.args), "train_seconds": self.train_seconds,
+                "device": device_kind(device), "world_size": dist.world_size()}
 
     def _install_signal_handlers(self):
         """SIGINT (Ctrl-C), SIGTERM (preemption, `timeout`, torchrun passing one on) and SIGUSR1
@@ -269,6 +281,8 @@ def run(method_cls, description, argv=None, script=None, add_flags=None, train=N
         if add_flags is not None:
             add_flags(parser)
         args, resume = resume_args(parser, argv, parser.parse_args(argv))
+        if resume is not None:  # another method's run is refused first, finished or not
+            check_variant(resume, method_cls.name, args.resume)
         results = os.path.join(os.path.dirname(os.path.abspath(args.resume or ".")), "results.json")
         # A finished run is left alone: nothing to train, nothing rewritten. (For methods that
         # train nothing, any resumed run with results is finished.)

@@ -1,11 +1,11 @@
-"""CNN+LSH and CNN+PCA-ITQ: hashing of fixed ImageNet features, nothing trained.
+"""CNN+LSH and CNN+PCA-ITQ: hashing of fixed backbone features (ImageNet weights by default), nothing trained.
 
 The train split is encoded with the backbone (eval transform), a projection is fitted on
 those features (utils/hashing.py), and the codes b = sign((x - mu) W) are those of a
 HashingNet whose FC1 holds W^T and the bias -mu W. So the run folder has the usual
 checkpoint, and `python -m utils.retrieve` indexes and queries with it like any other.
 """
-import json
+import time
 from contextlib import nullcontext
 
 import torch
@@ -13,12 +13,12 @@ from tensorboardX import SummaryWriter
 
 from utils import checkpoint as ckpt_io
 from utils import distributed as dist
-from utils.evaluation import encode, evaluate, log_test_pictures, tb_tag
+from utils.evaluation import encode, evaluate, log_test_pictures, precision_at_k_curve, tb_tag
 from utils.flags import seed_everything
 from utils.hashing import fit_itq, fit_lsh
 from utils.method import Method
-from utils.models import HashingNet
-from utils.run_state import RunFolder, plain_args, run_config
+from utils.models import network_for
+from utils.run_state import RunFolder, device_kind, plain_args, run_config, write_json_atomic
 from utils.splits import Splits
 
 
@@ -62,21 +62,26 @@ def run_features(method_cls, args):
     splits = Splits(args)
     seed_everything(args.seed)
     pretrained = args.weights or (not args.no_pretrained)
-    model = HashingNet(args.model, len(splits.classes), args.dim, pretrained, args.bands).to(args.device_obj)
+    model = network_for(args, splits, pretrained).to(args.device_obj)
     folder = RunFolder(args, method_cls.name)
     autocast = nullcontext  # full precision: the fit wants the features as they are
     feature_dim = model.fc1.in_features
+    started = time.perf_counter()  # the run's cost: encoding the train split and the fit (nothing trains)
     features = encode(_Pooled(model.backbone), splits.eval_loader("train"), len(splits.db), feature_dim,
                       args.device_obj, autocast, "encode train features")
     mean, projection = method_cls.fit(features, args)
     with torch.no_grad():
         model.fc1.weight.copy_(projection.t())
         model.fc1.bias.copy_(-(mean @ projection))
+    seconds = time.perf_counter() - started
     val = evaluate(model, splits, "val", args, autocast)
     test, q_codes, db_codes = evaluate(model, splits, "test", args, autocast, return_codes=True)
+    test["precision_at_k"] = precision_at_k_curve(q_codes, splits.test.labels.to(args.device_obj), db_codes,
+                                                  splits.db.labels.to(args.device_obj))
     config = run_config(args, method_cls.name, splits)
     results = {"variant": method_cls.name, "dataset": args.dataset, "run_dir": folder.path, "best_epoch": 0,
-               "val": val, "test": test, "args": plain_args(args)}
+               "val": val, "test": test, "args": plain_args(args), "train_seconds": seconds,
+               "device": device_kind(args.device_obj), "world_size": dist.world_size()}
     if dist.is_main():
         state = {"format": ckpt_io.FORMAT, "version": 2, "config": config, "args": plain_args(args), "epoch": 0,
                  "step": 0, "model": model.state_dict(), "best": {"score": val[f"mAP@{args.topk}"], "epoch": 0}}
@@ -88,8 +93,7 @@ def run_features(method_cls, args):
                         writer.add_scalar(f"{split}/{tb_tag(k)}", v, 0)
             log_test_pictures(writer, splits, test, q_codes, db_codes, args.bands, 0)
         for path, obj in ((f"{folder.path}/args.json", plain_args(args)), (folder.results, results)):
-            with open(path, "w") as fh:
-                json.dump(obj, fh, indent=2)
+            write_json_atomic(path, obj)
         key = f"mAP@{args.topk}"
         print(f"{method_cls.name}: val {key} {val[key]:.4f}; test {key} {test[key]:.4f}  P@20 {test['P@20']:.4f}\n"
               f"results written to {folder.results}")

@@ -1,4 +1,5 @@
-"""python -m utils.table: the paper's Table I from run folders; cells run, skipped, resumed, reported."""
+"""python -m utils.table: the paper's Table I from run folders; a cell is its settings (stale runs stop
+the table, larger --epochs resume), learning rates chosen on val, the cost, the figures, the report."""
 import csv
 import json
 import os
@@ -8,23 +9,56 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
-from conftest import REPO
-from utils import table
+from conftest import REPO, load_script
+from utils import grid_runner, table, table_cells
+from utils.flags import build_parser, image_extension
+from utils.run_state import write_json_atomic
 
 FAST = ["--no-pretrained", "--img-size", "16", "-b", "16", "--lr", "0.01", "--num_workers", "0", "--device", "cpu"]
 
 
-def write_run(root, name, variant, dataset, dim, seed, map100):
+def recorded_args(method, dataset, bits, seed, extra=()):
+    """The flags a script records for a cell: its parser, built here as the script builds it, imgEXT resolved."""
+    if method in ("mb", "mu"):
+        module = load_script("train_MB" if method == "mb" else "train")
+        parser = build_parser("x", module.MemoryBankCDNE if method == "mb" else module.MemoryUnitCDNE)
+        argv = []
+    else:
+        from baselines.main import METHODS
+        parser = build_parser("x", METHODS[method])
+        parser.add_argument("--method")
+        argv = ["--method", method]
+    args = vars(parser.parse_args(argv + ["--dataset", dataset, "--dim", str(bits), "--seed", str(seed), *extra]))
+    args["imgEXT"] = image_extension(dataset, args["imgEXT"])
+    return args
+
+
+def write_run(root, name, variant, dataset, dim, seed, map100, args=None, val=None, seconds=None, curves=False):
     """A finished run folder as the scripts leave it (results.json only)."""
     folder = os.path.join(root, name)
     os.makedirs(folder)
     metrics = {"mAP@100": map100, "P@20": 0.9, "mAP": 0.8}
+    test = dict(metrics)
+    if curves:
+        test.update(pr_precision=[map100, 0.5, 0.1], pr_recall=[0.1, 0.6, 1.0],
+                    precision_at_k={"k": [1, 5, 10], "precision": [map100, map100 * 0.9, map100 * 0.7]})
+    result = {"variant": variant, "dataset": dataset, "best_epoch": 3, "val": dict(metrics, **{"mAP@100": val or map100}),
+              "test": test, "args": args or {"dim": dim, "seed": seed, "dataset": dataset, "epochs": 5}}
+    if seconds is not None:
+        result.update(train_seconds=seconds, device="cpu", world_size=1)
     with open(os.path.join(folder, "results.json"), "w") as fh:
-        json.dump({"variant": variant, "dataset": dataset, "best_epoch": 3, "val": metrics, "test": metrics,
-                   "args": {"dim": dim, "seed": seed, "dataset": dataset, "epochs": 5}}, fh)
+        json.dump(result, fh)
     return folder
+
+
+def write_checkpoint(folder, epoch, args):
+    """What the table reads of a checkpoint: its progress and its flags."""
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"format": "cdne-checkpoint", "epoch": epoch, "args": args},
+               os.path.join(folder, "checkpoint_last.pth"))
 
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # two threads per run on 2 busy cores is several times slower
@@ -48,6 +82,14 @@ def runs(tmp_path):
     return str(root)
 
 
+@pytest.fixture
+def no_runs(monkeypatch):
+    """The grid runner must not be reached (a test of what stops the table before it runs anything)."""
+    def refuse(*a, **k):
+        raise AssertionError("cells were run")
+    monkeypatch.setattr(grid_runner, "run_jobs", refuse)
+
+
 def test_collect_aggregates_and_writes_every_format(runs, tmp_path, capsys):
     report = str(tmp_path / "report")
     assert table.main(["--collect", runs, "--report", report]) == 0
@@ -63,6 +105,7 @@ def test_collect_aggregates_and_writes_every_format(runs, tmp_path, capsys):
             "| — | — |") in md
     assert "| CDNE(MB) |" in md and md.index("CDNE(MB)") < md.index("CNN+LSH")  # the paper's row order
     assert "50.00 |" in md  # digits: ours only, no paper column
+    assert "Total: no recorded time (4 run(s) without a recorded time)." in md  # runs from before the cost
 
     rows = list(csv.DictReader(open(os.path.join(report, "table.csv"))))
     assert len(rows) == 2 * 3 * 2  # methods x (dataset, bits) columns found
@@ -77,10 +120,13 @@ def test_collect_aggregates_and_writes_every_format(runs, tmp_path, capsys):
     row = next(r for r in data["rows"] if (r["key"], r["dataset"], r["bits"]) == ("mb", "NWPU-RESISC45", 16))
     assert [(r["seed"], round(r["value"], 2)) for r in row["runs"]] == [(0, 97.31), (1, 95.31)]
     assert row["runs"][1]["folder"] == os.path.join(runs, "a", "b", "y")
+    assert "lr" not in row and data["lr_grid"] is None  # no grid asked: no rate chosen
 
     with Image.open(os.path.join(report, "table.png")) as img:
-        assert img.width >= 3 * 400 and 300 <= img.height <= 1000  # one panel per dataset
-        assert len(img.convert("RGB").getcolors(1 << 16)) > 10  # lines in several colours, not a blank page
+        assert img.width > 2.5 * img.height  # one panel per dataset, side by side
+        assert len(img.convert("RGB").getcolors(1 << 20)) > 10  # lines in several colours, not a blank page
+    for name in ("table", "pr_curves", "precision_at_k"):
+        assert open(os.path.join(report, f"{name}.pdf"), "rb").read(5) == b"%PDF-"
 
 
 def test_collect_filters_and_reports_into_the_runs_folder(runs, capsys):
@@ -89,35 +135,132 @@ def test_collect_filters_and_reports_into_the_runs_folder(runs, capsys):
     assert "95.31 (paper 99.69, -4.38)" in md and "EuroSAT" not in md and "n=2" not in md
 
 
+def test_collect_never_averages_runs_made_with_other_flags(tmp_path, capsys):
+    root = str(tmp_path / "runs")
+    write_run(root, "quick", "MB", "digits", 16, 0, 0.50, args=recorded_args("mb", "digits", 16, 0, ["--epochs", "5"]))
+    write_run(root, "long", "MB", "digits", 16, 1, 0.90, args=recorded_args("mb", "digits", 16, 1, ["--epochs", "130"]))
+    write_run(root, "long2", "MB", "digits", 16, 0, 0.80, args=recorded_args("mb", "digits", 16, 0, ["--epochs", "130"]))
+    assert table.main(["--collect", root]) == 0
+    md = open(os.path.join(root, "table.md")).read()
+    assert "| CDNE(MB) [epochs=5] | 50.00 |" in md
+    assert f"| CDNE(MB) [epochs=130] | 85.00 ± {statistics.stdev([80.0, 90.0]):.2f} (n=2) |" in md
+
+
 def test_print_commands_lists_only_unfinished_cells_and_runs_nothing(tmp_path, capsys):
-    out = str(tmp_path / "out")
-    write_run(out, "digits/mb_8bit_seed0", "MB", "digits", 8, 0, 0.5)
-    os.makedirs(os.path.join(out, "digits", "mb_16bit_seed0"))
-    open(os.path.join(out, "digits", "mb_16bit_seed0", "checkpoint_last.pth"), "w").close()
+    out, data = str(tmp_path / "out"), str(tmp_path / "data")
+    write_run(out, "digits/mb_8bit_seed0", "MB", "digits", 8, 0, 0.5,
+              args=recorded_args("mb", "digits", 8, 0, ["--epochs", "3", "--data", "/elsewhere", "--num_workers", "9"]))
+    write_checkpoint(os.path.join(out, "digits", "mb_16bit_seed0"), 1, recorded_args("mb", "digits", 16, 0, ["--epochs", "3"]))
     before = sorted(os.walk(out))
     assert table.main(["--dataset", "digits", "--bits", "8", "16", "--methods", "mb", "mu", "--out", out,
-                       "--data", str(tmp_path / "data"), "--print-commands", "--", "--epochs", "3"]) == 0
+                       "--data", data, "--print-commands", "--", "--epochs", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert sorted(os.walk(out)) == before
     cmds = {(c[1].split(os.sep)[-2], c[c.index("--dim") + 1]): c for c in map(shlex.split, lines)}
-    assert set(cmds) == {("train_MB", "16"), ("train", "8"), ("train", "16")}  # finished mb 8 bits left out
+    # mb 8 bits is finished: its other --data and --num_workers cannot change a number.
+    assert set(cmds) == {("train_MB", "16"), ("train", "8"), ("train", "16")}
     resumed = cmds["train_MB", "16"]
     assert resumed[resumed.index("--resume") + 1] == os.path.join(out, "digits", "mb_16bit_seed0",
                                                                   "checkpoint_last.pth")
     fresh = cmds["train", "8"]
     assert "--resume" not in fresh and fresh[0] == sys.executable
     flags = dict(zip(fresh[2::2], fresh[3::2]))
-    assert flags == {"--data": str(tmp_path / "data"), "--dataset": "digits", "--dim": "8", "--seed": "0",
+    assert flags == {"--data": data, "--dataset": "digits", "--dim": "8", "--seed": "0",
                      "--out": os.path.join(out, "digits"), "--name": "mu_8bit_seed0", "--epochs": "3"}
 
 
-def test_a_baseline_cell_runs_baselines_main_with_its_method():
-    cmd = table.command(table.Cell("itq", "EuroSAT", 64, 2), "/o", extra=["--epochs", "3"])
-    assert cmd == [sys.executable, os.path.join(REPO, "baselines", "main.py"), "--method", "itq",
-                   "--dataset", "EuroSAT", "--dim", "64", "--seed", "2", "--out", os.path.join("/o", "EuroSAT"),
-                   "--name", "itq_64bit_seed2", "--epochs", "3"]
-    assert [table.METHODS[k][0] for k in table.METHODS] == ["CDNE(MB)", "CDNE(MU)", "DHCNN", "Triplet", "DPSH",
-                                                            "CNN+PCA-ITQ", "CNN+LSH"]
+def test_a_stale_cell_stops_the_table_before_anything_runs(tmp_path, capsys, no_runs):
+    """Flags the table does not pass count at their defaults: a run made with --lr 0.01 is not the cell
+    that the table asks for without --lr (the default 0.1)."""
+    out = str(tmp_path / "out")
+    made = recorded_args("mb", "digits", 8, 0, ["--epochs", "3", "--lr", "0.01", "--img-size", "16"])
+    folder = write_run(out, "digits/mb_8bit_seed0", "MB", "digits", 8, 0, 0.5, args=made)
+    write_run(out, "digits/mb_8bit_seed1", "MB", "digits", 8, 1, 0.5,
+              args=recorded_args("mb", "digits", 8, 1, ["--epochs", "3", "--img-size", "32", "--device", "cuda"]))
+    before = sorted(os.walk(out))
+    with pytest.raises(SystemExit) as exc:
+        table.main(["--dataset", "digits", "--bits", "8", "--methods", "mb", "--seeds", "0", "1", "2", "--out", out,
+                    "--", "--epochs", "3", "--img-size", "32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1  # seed 1 differs only in --device: it is the cell
+    assert err[0].startswith(f"error: cell digits mb_8bit_seed0 ({folder}) is not the run asked for: ")
+    assert "--lr 0.1 asked, the run's 0.01" in err[0] and "--img-size 32 asked, the run's 16" in err[0]
+    assert "--rerun-stale" in err[0] and "new --out" in err[0]
+    assert sorted(os.walk(out)) == before  # nothing ran, nothing was written (seed 2's folder neither)
+
+
+def test_rerun_stale_sets_the_old_folder_aside_and_collect_leaves_it_out(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    made = recorded_args("mb", "digits", 8, 0, ["--epochs", "3", "--lr", "0.01"])
+    folder = write_run(out, "digits/mb_8bit_seed0", "MB", "digits", 8, 0, 0.5, args=made)
+    assert table.main(["--dataset", "digits", "--bits", "8", "--methods", "mb", "--out", out, "--rerun-stale",
+                       "--print-commands", "--", "--epochs", "3"]) == 0
+    captured = capsys.readouterr()
+    assert not os.path.exists(folder) and "--resume" not in captured.out and "mb_8bit_seed0" in captured.out
+    aside = [d for d in os.listdir(os.path.join(out, "digits")) if d.startswith("mb_8bit_seed0.stale-")]
+    assert len(aside) == 1 and os.path.isfile(os.path.join(out, "digits", aside[0], "results.json"))
+    with pytest.raises(SystemExit):  # the set-aside run is not found by --collect either
+        table.main(["--collect", out])
+    assert "left out 1 folder(s) set aside by --rerun-stale" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ran, ckpt_epoch, asked, state, words", [
+    (2, 2, 3, "resume", "--epochs 3 asked, the run has 2"),       # a larger --epochs continues the run
+    (2, 2, 1, "stale", "--epochs 1 asked, the run's 2"),
+    (2, None, 3, "stale", "no checkpoint_last.pth to continue"),
+    (2, 4, 5, "resume", "its checkpoint has 4 epochs, more than its results.json's 2"),  # resumed by hand, stopped
+    (2, 4, 2, "stale", "its checkpoint has trained 4 epochs, more than the --epochs 2 asked"),
+    (2, 2, 2, "finished", ""),
+])
+def test_epochs_done_against_epochs_asked(tmp_path, ran, ckpt_epoch, asked, state, words):
+    out, cell = str(tmp_path / "out"), table.Cell("mb", "digits", 8, 0)
+    folder = write_run(out, "digits/mb_8bit_seed0", "MB", "digits", 8, 0, 0.5,
+                       args=recorded_args("mb", "digits", 8, 0, ["--epochs", str(ran)]))
+    if ckpt_epoch is not None:
+        write_checkpoint(folder, ckpt_epoch, recorded_args("mb", "digits", 8, 0, ["--epochs", str(max(ran, ckpt_epoch))]))
+    found = table_cells.assess(cell, out, extra=["--epochs", str(asked)])
+    assert found.state == state and words in found.reason
+
+
+def test_lr_grid_chooses_on_val_never_on_test_and_counts_every_run(tmp_path, capsys):
+    root = str(tmp_path / "runs")
+    # (lr, seed, val %, test %, seconds): 0.01 is better on test, 0.001 on val; 0.1 has one seed only.
+    for lr, seed, val, test, sec in [(0.01, 0, 50, 90, 10.0), (0.01, 1, 60, 91, 11.0), (0.001, 0, 70, 40, 12.0),
+                                     (0.001, 1, 72, 41, 13.0), (0.1, 0, 99, 99, 14.0)]:
+        write_run(root, f"mb_{lr}_{seed}", "MB", "digits", 16, seed, test / 100, val=val / 100, seconds=sec, curves=True,
+                  args=recorded_args("mb", "digits", 16, seed, ["--lr", str(lr)]))
+    write_run(root, "lsh", "LSH", "digits", 16, 0, 0.3, seconds=2.0, curves=True,
+              args=recorded_args("lsh", "digits", 16, 0))
+    report = str(tmp_path / "report")
+    assert table.main(["--collect", root, "--report", report, "--lr-grid", "0.01", "0.001", "0.1"]) == 0
+    rows = {r["key"]: r for r in json.load(open(os.path.join(report, "table.json")))["rows"]}
+    mb = rows["mb"]
+    assert mb["lr"] == 0.001 and mb["mean"] == pytest.approx(40.5) and mb["seeds"] == [0, 1]
+    assert mb["lr_grid"] == {"0.01": pytest.approx(55.0), "0.001": pytest.approx(71.0), "0.1": pytest.approx(99.0)}
+    assert mb["seconds"] == pytest.approx(60.0)  # the cost of the cell: every rate and seed it took
+    assert rows["lsh"]["lr"] is None and rows["lsh"]["lr_grid"] is None and rows["lsh"]["mean"] == pytest.approx(30.0)
+    md = open(os.path.join(report, "table.md")).read()
+    assert "| CDNE(MB) | 40.50 ± 0.71 (n=2) lr 0.001 |" in md and "| CDNE(MB) | 60 s |" in md
+    assert "Total: 62 s on cpu." in md
+    assert mb["precision_at_k"] == {"k": [1, 5, 10], "precision": pytest.approx([0.405, 0.3645, 0.2835])}
+
+    # Only the rates asked for take part: without 0.001, 0.01 is chosen.
+    assert table.main(["--collect", root, "--report", report, "--lr-grid", "0.01"]) == 0
+    rows = json.load(open(os.path.join(report, "table.json")))["rows"]
+    assert rows[0]["lr"] == 0.01 and rows[0]["mean"] == pytest.approx(90.5)
+    for name in ("table", "pr_curves", "precision_at_k"):
+        with Image.open(os.path.join(report, f"{name}.png")) as img:
+            assert len(img.convert("RGB").getcolors(1 << 20)) > 10, name  # curves drawn, not an empty panel
+
+
+def test_lr_grid_cells_are_one_per_rate_and_lsh_runs_once(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert table.main(["--dataset", "digits", "--bits", "8", "--methods", "dpsh", "lsh", "--out", out,
+                       "--lr-grid", "0.01", "0.001", "--print-commands", "--", "--epochs", "2"]) == 0
+    cmds = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    named = {c[c.index("--name") + 1]: c for c in cmds}
+    assert set(named) == {"dpsh_8bit_lr0.01_seed0", "dpsh_8bit_lr0.001_seed0", "lsh_8bit_seed0"}
+    assert named["dpsh_8bit_lr0.001_seed0"][-2:] == ["--lr", "0.001"] and "--lr" not in named["lsh_8bit_seed0"]
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -127,9 +270,14 @@ def test_a_baseline_cell_runs_baselines_main_with_its_method():
     (["--collect", "EMPTY"], "no results.json"),
     (["--bits", "x"], "invalid int value"),
     (["--", "--dim", "8"], "--dim after -- clashes"),
+    (["--lr-grid", "0.1", "--", "--lr", "0.01"], "--lr after -- clashes"),
+    (["--lr-grid", "0.1", "0"], "--lr-grid takes positive learning rates"),
+    (["--bits", "16", "--figure-bits", "32"], "--figure-bits 32 is not one of the table's --bits"),
+    (["--report", "FILE/sub"], "is a file, not a folder"),
 ])
-def test_bad_input_exits_2_with_one_line(argv, words, tmp_path, capsys):
-    argv = [str(tmp_path) if a == "EMPTY" else a for a in argv]
+def test_bad_input_exits_2_with_one_line(argv, words, tmp_path, capsys, no_runs):
+    (tmp_path / "file").write_text("")
+    argv = [str(tmp_path) if a == "EMPTY" else str(tmp_path / "file" / "sub") if a == "FILE/sub" else a for a in argv]
     with pytest.raises(SystemExit) as exc:
         table.main(argv + ["--out", str(tmp_path / "out")] if "--" not in argv else argv)
     err = capsys.readouterr().err
@@ -144,16 +292,37 @@ def test_bad_input_from_the_command_line():
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-FAKE = """import json, os, sys
-a = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-print("fake run", sys.argv[1:])
-if a["--seed"] == "1":
-    sys.exit(3)
-folder = os.path.join(a["--out"], a["--name"])
-os.makedirs(folder, exist_ok=True)
-m = {"mAP@100": int(a["--dim"]) / 100}
-json.dump({"variant": "DHCNN", "dataset": a["--dataset"], "best_epoch": 0, "val": m, "test": m,
-           "args": {"dim": int(a["--dim"]), "seed": 0, "dataset": a["--dataset"]}}, open(folder + "/results.json", "w"))
+def test_a_json_file_is_replaced_whole_or_not_at_all(tmp_path):
+    path = str(tmp_path / "results.json")
+    write_json_atomic(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": object()})  # fails half-way through the dump
+    assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
+
+
+FAKE = """import argparse, json, os, sys
+
+
+def parser():  # the fake script's flags (no torch to import: each cell starts in a moment)
+    p = argparse.ArgumentParser()
+    for flag in ("--dataset", "--out", "--name"):
+        p.add_argument(flag)
+    p.add_argument("--dim", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, default=4)
+    return p
+
+
+if __name__ == "__main__":
+    args = parser().parse_args()
+    print("fake run", sys.argv[1:])
+    if args.seed == 1:
+        sys.exit(3)
+    folder = os.path.join(args.out, args.name)
+    os.makedirs(folder, exist_ok=True)
+    m = {"mAP@100": args.dim / 100}
+    json.dump({"variant": "DHCNN", "dataset": args.dataset, "best_epoch": 0, "val": m, "test": m,
+               "args": vars(args)}, open(folder + "/results.json", "w"))
 """
 
 
@@ -161,6 +330,9 @@ def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch, c
     fake = tmp_path / "fake.py"
     fake.write_text(FAKE)
     monkeypatch.setitem(table.METHODS, "dhcnn", ("DHCNN", str(fake), "DHCNN"))
+    fake_parser = {}
+    exec(compile(FAKE, str(fake), "exec"), fake_parser)
+    monkeypatch.setattr(table_cells, "script_parser", lambda method: fake_parser["parser"]())
     out = str(tmp_path / "out")
     code = table.main(["--dataset", "fake", "--bits", "8", "16", "--methods", "dhcnn", "--seeds", "0", "1",
                        "--out", out])
@@ -171,38 +343,46 @@ def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch, c
     log = open(os.path.join(out, "fake", "dhcnn_16bit_seed1", "log.txt")).read()
     assert log.startswith("$ ") and "fake run" in log
     md = open(os.path.join(out, "table.md")).read()
-    assert "| DHCNN | 8.00 | 16.00 |" in md and md.count("Failed: dhcnn fake") == 2
+    assert "| DHCNN | 8.00 | 16.00 |" in md and md.count("Failed: fake dhcnn_") == 2
     assert len(json.load(open(os.path.join(out, "table.json")))["failed"]) == 2
+    # The same command again: the finished cells are the asked-for ones, the failed ones run again.
+    assert table.main(["--dataset", "fake", "--bits", "8", "16", "--methods", "dhcnn", "--seeds", "0", "1",
+                       "--out", out]) == 1
+    assert capsys.readouterr().out.count("skipped fake dhcnn_") == 2
 
 
-def test_real_runs_finish_are_skipped_then_resume(tiny_root, tmp_path):
-    """Three short CDNE(MB) runs: one by the table, one by hand (then marked interrupted), one resumed."""
+def test_real_runs_finish_are_skipped_then_trained_on_with_more_epochs(tiny_root, tmp_path, monkeypatch, capsys):
+    """A short CDNE(MB) cell run by the table, skipped by the same command, trained on by a larger
+    --epochs; a smaller --epochs then stops the table. (The table in-process; its cells are child processes.)"""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two threads per run on 2 busy cores is several times slower
     out = str(tmp_path / "out")
-    grid = ["--dataset", "digits", "--bits", "8", "--methods", "mb", "--data", tiny_root, "--out", out]
-    first = run_table(*grid, "--", *FAST, "--epochs", "1")
-    assert first.returncode == 0, first.stdout + first.stderr
+    grid = ["--dataset", "digits", "--bits", "8", "--methods", "mb", "--data", tiny_root, "--out", out, "--"]
+    assert table.main(grid + FAST + ["--epochs", "1"]) == 0
+    first = capsys.readouterr()
     folder = os.path.join(out, "digits", "mb_8bit_seed0")
     results = os.path.join(folder, "results.json")
-    assert "running digits mb_8bit_seed0" in first.stdout and "finished digits mb_8bit_seed0" in first.stdout
+    assert "started digits mb_8bit_seed0" in first.out and "finished digits mb_8bit_seed0" in first.out
     assert "results written to" in open(os.path.join(folder, "log.txt")).read()
     assert "| CDNE(MB) | " in open(os.path.join(out, "table.md")).read()
+    record = json.load(open(results))
+    assert record["train_seconds"] > 0 and record["device"] == "cpu" and record["world_size"] == 1
+    pk = record["test"]["precision_at_k"]
+    assert pk["k"][:3] == [1, 5, 10] and len(pk["k"]) == len(pk["precision"]) and pk["k"][-1] <= 1000
+    assert all(0 <= p <= 1 for p in pk["precision"]) and len(record["test"]["pr_recall"]) == 9
     stamp = os.path.getmtime(results)
 
-    again = run_table(*grid, "--", *FAST, "--epochs", "1")
-    assert again.returncode == 0 and "skipped digits mb_8bit_seed0: finished" in again.stdout
+    assert table.main(grid + FAST + ["--epochs", "1"]) == 0
+    assert "skipped digits mb_8bit_seed0: finished" in capsys.readouterr().out
     assert os.path.getmtime(results) == stamp
 
-    # An interrupted cell: seed 1 trained by hand with the cell's flags, its results.json removed.
-    other = os.path.join(out, "digits", "mb_8bit_seed1")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "train_MB", "main.py"), "--data", tiny_root,
-                           "--dataset", "digits", "--dim", "8", "--seed", "1", "--out", os.path.join(out, "digits"),
-                           "--name", "mb_8bit_seed1", *FAST, "--epochs", "1"], capture_output=True, text=True,
-                          env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    os.remove(os.path.join(other, "results.json"))
-    resumed = run_table(*grid, "--seeds", "0", "1", "--", *FAST, "--epochs", "2")
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming digits mb_8bit_seed1" in resumed.stdout and os.path.getmtime(results) == stamp
-    assert "resumed from" in open(os.path.join(other, "log.txt")).read()
-    assert json.load(open(os.path.join(other, "results.json")))["args"]["epochs"] == 2
-    assert "(n=2)" in open(os.path.join(out, "table.md")).read()
+    assert table.main(grid + FAST + ["--epochs", "2"]) == 0
+    longer = capsys.readouterr()
+    assert "resuming digits mb_8bit_seed0: --epochs 2 asked, the run has 1" in longer.out, longer.out + longer.err
+    assert "resumed from" in open(os.path.join(folder, "log.txt")).read()
+    record2 = json.load(open(results))
+    assert record2["args"]["epochs"] == 2 and record2["train_seconds"] > record["train_seconds"]
+
+    with pytest.raises(SystemExit) as exc:
+        table.main(grid + FAST + ["--epochs", "1"])
+    assert exc.value.code == 2 and "--epochs 1 asked, the run's 2" in capsys.readouterr().err
+    assert json.load(open(results)) == record2

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from . import distributed as dist
 from .metrics import retrieval_metrics
+from .rank_counting import RankCounts
 from .search import hamming_topk
 from .visualize import bit_balance, retrieval_grid, to_chw
 
@@ -45,6 +46,15 @@ def every_metric(q_codes, q_labels, db_codes, db_labels, topk):
     """Every metric, mAP@R and P@K for R, K in 20, 100 and --topk, and the PR curve."""
     return retrieval_metrics(q_codes, q_labels, db_codes, db_labels, topk=tuple(sorted({20, 100, topk})),
                              with_pr=True)
+
+
+def precision_at_k_curve(q_codes, q_labels, db_codes, db_labels):
+    """Mean precision at K over the queries for K = 1, 5, 10, 20, 50, then 100 to 1,000 in
+    steps of 100, capped at the database size (then its last K): the paper's P@K figure."""
+    n_db = len(db_codes)
+    ks = sorted({min(k, n_db) for k in (1, 5, 10, 20, 50, *range(100, 1001, 100))})
+    s = RankCounts(q_codes, q_labels, db_codes, db_labels, tuple(ks))
+    return {"k": ks, "precision": [s.mean(s.p_at[k]) for k in ks]}
 
 
 def log_test_pictures(writer, splits, metrics, q_codes, db_codes, bands, step, n_queries=8, k=10):

@@ -1,65 +1,38 @@
 """The paper's Table I: test mAP@100 (%) over datasets x bit lengths x methods, ours beside the paper's.
 
-Each cell (method, dataset, bits, seed) is one training run in a fixed folder
-<out>/<dataset>/<method>_<bits>bit_seed<seed>. A folder with results.json is finished and skipped,
-one with only checkpoint_last.pth is resumed, any other is run fresh: the same command continues
-an interrupted grid. Each run's output goes to <run folder>/log.txt. Writes table.md, table.csv,
-table.json and table.png (mAP@100 against bits) to --report (default: --out).
+Each cell (method, dataset, bits, seed[, lr]) is one training run in a fixed folder
+<out>/<dataset>/<method>_<bits>bit[_lr<lr>]_seed<seed>. A folder counts as the cell only when its
+run was made with the flags the table passes now (every flag that can change a number): such a
+finished run is skipped, an interrupted one (or one asked for a larger --epochs) is resumed, and a
+run made with other flags stops the table before anything runs (exit 2), unless --rerun-stale
+sets it aside as <folder>.stale-<time> and runs the cell again. Each run's output goes to
+<run folder>/log.txt. Writes table.md, table.csv, table.json and the figures table, pr_curves and
+precision_at_k (PNG and PDF) to --report (default: --out).
 
 Reproduce Table I on a GPU (the paper's settings are the scripts' defaults):
 
     python -m utils.table --dataset EuroSAT NWPU-RESISC45
 
-The offline digits demo on a CPU (everything after -- goes to every training command):
+The offline digits demo on a CPU (everything after -- goes to every training command), with the
+learning rate of each trained cell chosen on val:
 
-    python -m utils.table --dataset digits --bits 16 32 64 --out runs/table_digits \\
-        -- --no-pretrained --img-size 32 -b 64 --lr 0.01 --epochs 5 --num_workers 0
+    python -m utils.table --dataset digits --bits 16 32 64 --out runs/table_digits --lr-grid 0.01 0.001 \\
+        -- --no-pretrained --img-size 32 -b 64 --epochs 5 --num_workers 0
 
-On a cluster: `--print-commands > cells.txt` prints the unfinished cells' commands, one a line,
-to submit; `--collect runs/table` then gathers the finished runs.
+On a cluster: --slurm DIR writes an array job, or `--print-commands > cells.txt` prints the
+unfinished cells' commands, one a line; `--collect runs/table` then gathers the finished runs.
 """
 import argparse
-import csv
-import json
 import os
 import shlex
-import statistics
-import subprocess
 import sys
-from collections import namedtuple
+import time
 
 from utils.errors import UserError, exit_on_user_error
-from utils.visualize import mAP_against_bits
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINES = os.path.join(REPO, "baselines", "main.py")
-# key -> (row label in the paper, script, "variant" of results.json); in the paper's row order.
-METHODS = {
-    "mb": ("CDNE(MB)", os.path.join(REPO, "train_MB", "main.py"), "MB"),
-    "mu": ("CDNE(MU)", os.path.join(REPO, "train", "main.py"), "MU"),
-    "dhcnn": ("DHCNN", BASELINES, "DHCNN"), "triplet": ("Triplet", BASELINES, "Triplet"),
-    "dpsh": ("DPSH", BASELINES, "DPSH"),
-    "itq": ("CNN+PCA-ITQ", BASELINES, "ITQ"),
-    "lsh": ("CNN+LSH", BASELINES, "LSH"),
-}
-VARIANT_KEYS = {variant.lower(): key for key, (_, _, variant) in METHODS.items()}
-PAPER_BITS = (16, 32, 64, 128)
-_PAPER_ROWS = {  # the paper's Table I, mAP@100 in %, at PAPER_BITS
-    "NWPU-RESISC45": {"mb": (99.69, 99.83, 99.91, 99.97), "mu": (99.19, 99.86, 99.87, 99.96),
-                      "dhcnn": (98.07, 92.12, 94.24, 99.95), "triplet": (76.02, 84.21, 87.39, 89.25),
-                      "dpsh": (29.94, 31.09, 42.51, 47.98), "itq": (63.35, 82.59, 87.54, 88.66),
-                      "lsh": (32.98, 50.38, 67.82, 77.35)},
-    "EuroSAT": {"mb": (99.89, 99.99, 99.97, 99.99), "mu": (99.93, 99.97, 100.00, 100.00),
-                "dhcnn": (99.51, 99.29, 99.95, 99.38), "triplet": (94.94, 96.73, 97.22, 98.02),
-                "dpsh": (57.10, 85.76, 98.81, 98.40), "itq": (92.08, 93.61, 93.44, 93.64),
-                "lsh": (49.44, 69.37, 81.24, 87.89)},
-}
-PAPER = {ds: {m: dict(zip(PAPER_BITS, v)) for m, v in rows.items()} for ds, rows in _PAPER_ROWS.items()}
-# The table sets these per cell; the same flag after -- would silently put a run in the wrong cell.
-RESERVED = ("--data", "--dataset", "--dim", "--seed", "--out", "--name", "--resume", "--method")
-HEADER = ("Test mAP@100 (%), R = 100, database = train split, queries = test split. Each cell: ours "
-          "(mean ± sample std over seeds, n = seeds), the paper's Table I value and ours minus the paper's.")
-Cell = namedtuple("Cell", "method dataset bits seed")
+from utils import grid_runner
+from utils.table_cells import (FEATURE_METHODS, METHODS, REPO, RESERVED, STALE_MARK, Cell, assess,  # noqa: F401
+                               cell_label, cell_name, collect, command, read_result, run_folder)
+from utils.table_report import PAPER, PAPER_BITS, aggregate, write_report
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,13 +50,27 @@ def parse_args(argv=None):
     p.add_argument("--bits", nargs="+", type=int, help="code lengths (default: 16 32 64 128; --collect: all found)")
     p.add_argument("--methods", nargs="+", help=f"of {' '.join(METHODS)} (default: all, in the paper's order)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0; with --collect: all found)")
+    p.add_argument("--lr-grid", nargs="+", type=float, metavar="LR",
+                   help="run each trained cell once per learning rate and report the rate with the best mean "
+                        "val mAP@100 over seeds (LSH and ITQ run once)")
     p.add_argument("--data", help="dataset root passed to the scripts (default: theirs)")
     p.add_argument("--out", default=os.path.join(REPO, "runs", "table"), help="root of the run folders")
     p.add_argument("--collect", metavar="RUNS_DIR", help="only gather the results.json files under RUNS_DIR")
     p.add_argument("--print-commands", action="store_true", help="print the unfinished cells' commands, run nothing")
-    p.add_argument("--report", metavar="DIR", help="where table.md/csv/json/png go (default: --out, or RUNS_DIR)")
+    p.add_argument("--rerun-stale", action="store_true",
+                   help=f"run again the cells whose folder holds a run with other flags (kept as <folder>{STALE_MARK}<time>)")
+    p.add_argument("--report", metavar="DIR", help="where table.md/csv/json and the figures go (default: --out, or RUNS_DIR)")
+    p.add_argument("--figure-bits", type=int, metavar="BITS",
+                   help="code length of pr_curves and precision_at_k (default: the largest in the table)")
+    g = p.add_argument_group("cells at once, on GPUs, on Slurm (utils/grid_runner.py)")
+    g.add_argument("--jobs", type=int, default=1, metavar="N", help="cells at the same time")
+    g.add_argument("--gpus", nargs="+", metavar="ID", help="one cell per listed GPU at a time (CUDA_VISIBLE_DEVICES)")
+    g.add_argument("--per-gpu", type=int, default=1, metavar="K", help="cells at once on each of --gpus")
+    g.add_argument("--slurm", metavar="DIR", help="write DIR/table.sbatch, an array job of the unfinished cells; run nothing")
+    g.add_argument("--slurm-max-running", type=int, metavar="M", help="at most M array tasks at once (%%M)")
+    g.add_argument("--slurm-args", default="", metavar='"..."', help="#SBATCH options added to the script")
     args = p.parse_args(argv)
-    for name in ("dataset", "bits", "methods", "seeds"):  # a name given twice is one cell, not two runs of it
+    for name in ("dataset", "bits", "methods", "seeds", "lr_grid"):  # a name given twice is one cell, not two runs
         if getattr(args, name):
             setattr(args, name, list(dict.fromkeys(getattr(args, name))))
     bad = [m for m in args.methods or () if m not in METHODS]
@@ -91,12 +78,16 @@ def parse_args(argv=None):
         raise UserError(f"unknown method {bad[0]!r}; choose from {' '.join(METHODS)}")
     if any(b <= 0 for b in args.bits or ()):
         raise UserError(f"--bits must be positive code lengths, got {args.bits}; e.g. --bits 16 32 64 128")
-    clash = [f for f in extra if f.split("=")[0] in RESERVED]
+    if any(not lr > 0 for lr in args.lr_grid or ()):
+        raise UserError(f"--lr-grid takes positive learning rates, got {args.lr_grid}; e.g. --lr-grid 0.1 0.01 0.001")
+    grid_runner.check_options(args.jobs, args.gpus, args.per_gpu)
+    reserved = RESERVED + (("--lr", "--learning-rate") if args.lr_grid else ())
+    clash = [f for f in extra if f.split("=")[0] in reserved]
     if clash:
         raise UserError(f"{clash[0]} after -- clashes with the cell's own flag; use the table's "
-                        f"--dataset/--bits/--seeds/--data/--out instead")
-    if args.collect and args.print_commands:
-        raise UserError("--collect runs nothing and prints no commands; drop --print-commands or --collect")
+                        f"--dataset/--bits/--seeds/--lr-grid/--data/--out instead")
+    if args.collect and (args.print_commands or args.slurm or args.rerun_stale):
+        raise UserError("--collect runs nothing; drop --print-commands/--slurm/--rerun-stale or --collect")
     if args.collect and not os.path.isdir(args.collect):
         raise UserError(f"--collect folder {args.collect} does not exist; pass the folder holding the run folders")
     args.out = os.path.abspath(args.out)
@@ -104,200 +95,64 @@ def parse_args(argv=None):
     return args, extra
 
 
-def cells(methods, datasets, bits, seeds):
-    return [Cell(m, d, b, s) for d in datasets for m in methods for b in bits for s in seeds]
+def check_writable(folder, flag):
+    """Refuse, before any run, a folder that cannot be created or written (nothing is created here)."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag} {folder} cannot be created: {probe} is a file, not a folder; pass another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} is not writable (no write permission in {probe}); pass a writable {flag}")
 
 
-def cell_name(cell):
-    return f"{cell.method}_{cell.bits}bit_seed{cell.seed}"
+def cells(methods, datasets, bits, seeds, lr_grid=None):
+    """The grid; with a learning-rate grid a trained cell is one per rate, LSH and ITQ one in all."""
+    def rates(m):
+        return [None] if not lr_grid or m in FEATURE_METHODS else lr_grid
+    return [Cell(m, d, b, s, lr) for d in datasets for m in methods for b in bits for lr in rates(m) for s in seeds]
 
 
-def run_folder(out, cell):
-    return os.path.join(out, cell.dataset, cell_name(cell))
+def assess_grid(grid, args, extra):
+    """{cell: Assessment}; with stale cells, one line each and exit 2 unless --rerun-stale sets them aside."""
+    found = {cell: assess(cell, args.out, args.data, extra) for cell in grid}
+    stale = [c for c, a in found.items() if a.state == "stale"]
+    if stale and not args.rerun_stale:
+        for cell in stale:
+            print(f"error: cell {cell_label(cell)} ({run_folder(args.out, cell)}) is not the run asked for: "
+                  f"{found[cell].reason}; run it again with --rerun-stale (the old folder is kept as "
+                  f"<folder>{STALE_MARK}<time>) or pass a new --out", file=sys.stderr)
+        raise SystemExit(2)
+    for cell in stale:
+        folder = run_folder(args.out, cell)
+        aside = f"{folder}{STALE_MARK}{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while os.path.exists(aside):
+            aside, n = f"{folder}{STALE_MARK}{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
+        os.rename(folder, aside)
+        print(f"set aside {folder} as {aside} ({found[cell].reason}); running the cell again")
+        found[cell] = found[cell]._replace(state="new")
+    return found
 
 
-def folder_status(folder):
-    if os.path.isfile(os.path.join(folder, "results.json")):
-        return "finished"
-    if os.path.isfile(os.path.join(folder, "checkpoint_last.pth")):
-        return "interrupted"
-    return "new"
-
-
-def command(cell, out, data=None, extra=(), resume=False):
-    script = METHODS[cell.method][1]
-    cmd = [sys.executable, script] + (["--method", cell.method] if script == BASELINES else [])
-    cmd += (["--data", data] if data else []) + ["--dataset", cell.dataset, "--dim", str(cell.bits),
-                                                 "--seed", str(cell.seed), "--out", os.path.join(out, cell.dataset),
-                                                 "--name", cell_name(cell)] + list(extra)
-    if resume:  # after the passthrough flags: a resumed run takes e.g. a larger --epochs from them
-        cmd += ["--resume", os.path.join(run_folder(out, cell), "checkpoint_last.pth")]
-    return cmd
-
-
-def run_cell(cmd, log_path):
-    """Run one cell with its output appended to log_path (a resumed cell keeps the earlier log); exit status."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    # Progress bars redrawn every 10 s, not 10 times a second: a long run's log stays small (tail -f shows them).
-    env = dict(os.environ, TQDM_MININTERVAL="10", PYTHONUNBUFFERED="1")
-    with open(log_path, "a") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            proc.wait()  # the run got the Ctrl-C too and saves its checkpoint: let it, so the cell resumes
-            raise
-
-
-def log_tail(path, n=3):
-    with open(path, errors="replace") as fh:
-        return [line.rstrip() for line in fh if line.strip()][-n:]
-
-
-def run_grid(grid, out, data, extra):
-    """Run every unfinished cell; the (cell, command, exit status) of those that failed."""
-    from tqdm import tqdm
-    failures = []
-    bar = tqdm(grid, unit="cell", desc="table", dynamic_ncols=True)
-    for cell in bar:
-        folder, label = run_folder(out, cell), f"{cell.dataset} {cell_name(cell)}"
-        bar.set_description(label)
-        state = folder_status(folder)
-        if state == "finished":
-            tqdm.write(f"skipped {label}: finished ({os.path.join(folder, 'results.json')})")
-            continue
-        cmd, log = command(cell, out, data, extra, resume=state == "interrupted"), os.path.join(folder, "log.txt")
-        tqdm.write(f"{'resuming' if state == 'interrupted' else 'running'} {label}; output in {log}")
-        status = run_cell(cmd, log)
-        if status:
-            failures.append((cell, cmd, status))
-            tqdm.write(f"FAILED {label} (exit status {status}): {shlex.join(cmd)}\n  "
-                       + "\n  ".join(log_tail(log)))
-        else:
-            record = read_result(os.path.join(folder, "results.json"))
-            tqdm.write(f"finished {label}: test mAP@100 {record['value']:.2f}%" if record else f"finished {label}")
-    bar.close()
-    return failures
-
-
-def read_result(path):
-    """The cell and our number (100 x test mAP@100) of one results.json, from its contents; None if unusable."""
-    try:
-        with open(path) as fh:
-            res = json.load(fh)
-        args, variant = res["args"], str(res["variant"])
-        return {"method": VARIANT_KEYS.get(variant.lower(), variant.lower()),
-                "dataset": str(args.get("dataset", res.get("dataset"))), "bits": int(args["dim"]),
-                "seed": int(args.get("seed", 0)), "value": 100.0 * float(res["test"]["mAP@100"]),
-                "folder": os.path.dirname(os.path.abspath(path))}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        print(f"warning: skipped {path}: not a run's results.json ({type(err).__name__}: {err})")
-        return None
-
-
-def collect(root):
-    paths = sorted(os.path.join(d, "results.json") for d, _, files in os.walk(root) if "results.json" in files)
-    if not paths:
-        raise UserError(f"no results.json under {root}; pass the folder holding finished run folders")
-    by_cell = {}
-    for path in sorted(paths, key=os.path.getmtime):  # a cell found twice keeps its newest run
-        rec = read_result(path)
-        if rec is None:
-            continue
-        key = (rec["method"], rec["dataset"], rec["bits"], rec["seed"])
-        if key in by_cell:
-            print(f"warning: {by_cell[key]['folder']} and {rec['folder']} are the same cell; using the newer")
-        by_cell[key] = rec
-    return list(by_cell.values())
-
-
-def ordered(found, paper_order):
-    """Known names in the paper's order, then the others in the order given."""
-    return [x for x in paper_order if x in found] + [x for x in dict.fromkeys(found) if x not in paper_order]
-
-
-def aggregate(records, methods, datasets, bits):
-    """One row per method x dataset x bits: mean, sample std, paper value and difference, per-seed values."""
-    rows = []
-    for m in methods:
-        for d in datasets:
-            for b in bits:
-                runs = sorted((r for r in records if (r["method"], r["dataset"], r["bits"]) == (m, d, b)),
-                              key=lambda r: r["seed"])
-                vals = [r["value"] for r in runs]
-                mean = statistics.mean(vals) if vals else None
-                std = statistics.stdev(vals) if len(vals) > 1 else None
-                paper = PAPER.get(d, {}).get(m, {}).get(b)
-                rows.append({"method": METHODS[m][0] if m in METHODS else m, "key": m, "dataset": d, "bits": b,
-                             "n_seeds": len(vals), "mean": mean, "std": std, "paper": paper,
-                             "diff": None if mean is None or paper is None else mean - paper,
-                             "seeds": [r["seed"] for r in runs],
-                             "runs": [{"seed": r["seed"], "value": r["value"], "folder": r["folder"]} for r in runs]})
-    return rows
-
-
-def format_cell(row):
-    ours = "—" if row["mean"] is None else f"{row['mean']:.2f}"
-    if row["n_seeds"] > 1:
-        ours += f" ± {row['std']:.2f} (n={row['n_seeds']})"
-    if row["paper"] is None:
-        return ours
-    return f"{ours} (paper {row['paper']:.2f}" + ("" if row["diff"] is None else f", {row['diff']:+.2f}") + ")"
-
-
-def write_md(path, rows, failures=()):
-    cols = list(dict.fromkeys((r["dataset"], r["bits"]) for r in rows))
-    # As in the paper: the dataset named over its first bit length only ("NWPU-RESISC45 16 bits | 32 | ...").
-    heads = [f"{d} {b} bits" if k == 0 or cols[k - 1][0] != d else str(b) for k, (d, b) in enumerate(cols)]
-    lines = [HEADER, "", "| method | " + " | ".join(heads) + " |",
-             "|---" * (len(cols) + 1) + "|"]
-    for label in dict.fromkeys(r["method"] for r in rows):
-        cells_ = {(r["dataset"], r["bits"]): format_cell(r) for r in rows if r["method"] == label}
-        lines.append(f"| {label} | " + " | ".join(cells_[c] for c in cols) + " |")
-    lines += [""] + [f"Failed: {c.method} {c.dataset} {c.bits} bits seed {c.seed} (exit status {s}): "
-                     f"`{shlex.join(cmd)}`" for c, cmd, s in failures]
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines).rstrip() + "\n")
-
-
-def _num(x):
-    return "" if x is None else round(x, 4)
-
-
-def write_csv(path, rows):
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["method", "dataset", "bits", "n_seeds", "mean", "std", "paper", "diff", "seeds", "key"])
-        for r in rows:
-            w.writerow([r["method"], r["dataset"], r["bits"], r["n_seeds"], _num(r["mean"]), _num(r["std"]),
-                        _num(r["paper"]), _num(r["diff"]), " ".join(map(str, r["seeds"])), r["key"]])
-
-
-def write_json(path, rows, failures=()):
-    with open(path, "w") as fh:
-        json.dump({"metric": HEADER, "rows": rows,
-                   "failed": [{"cell": c._asdict(), "command": cmd, "exit_status": s} for c, cmd, s in failures]},
-                  fh, indent=2)
-
-
-def write_report(folder, rows, failures=()):
-    os.makedirs(folder, exist_ok=True)
-    paths = {ext: os.path.join(folder, f"table.{ext}") for ext in ("md", "csv", "json", "png")}
-    write_md(paths["md"], rows, failures)
-    write_csv(paths["csv"], rows)
-    write_json(paths["json"], rows, failures)
-    mAP_against_bits(paths["png"], rows)
-    return paths
-
-
-def print_commands(grid, out, data, extra):
-    """One shell line per unfinished cell on stdout (nothing else there, for a scheduler)."""
+def jobs_of(grid, found, args, extra, resume_auto=False):
+    """The Job of each cell that is not finished (utils/grid_runner.Job)."""
+    out = []
     for cell in grid:
-        state = folder_status(run_folder(out, cell))
-        if state != "finished":
-            print(shlex.join(command(cell, out, data, extra, resume=state == "interrupted")))
+        state = found[cell].state
+        if state == "finished":
+            continue
+        folder = run_folder(args.out, cell)
+        resume = "auto" if resume_auto else state == "resume"
+        out.append(grid_runner.Job(cell_label(cell), command(cell, args.out, args.data, extra, resume), folder,
+                                       os.path.join(folder, "log.txt")))
+    return out
+
+
+def print_commands(jobs, out):
+    """One shell line per unfinished cell on stdout (nothing else there, for a scheduler)."""
+    for job in jobs:
+        print(shlex.join(job.cmd))
     print(f"# run folders under {out}; gather them with: python -m utils.table --collect {shlex.quote(out)}",
           file=sys.stderr)
 
@@ -306,42 +161,81 @@ def collected(args):
     """The records under --collect that match the flags given, and the methods, datasets, bits to show."""
     wanted = (("method", args.methods), ("dataset", args.dataset), ("bits", args.bits), ("seed", args.seeds))
     records = [r for r in collect(args.collect) if all(f is None or r[k] in f for k, f in wanted)]
+    if args.lr_grid:  # only the rates of the grid asked for take part in the choice
+        records = [r for r in records if r["method"] in FEATURE_METHODS or r["lr"] in args.lr_grid]
     if not records:
-        raise UserError(f"no results under {args.collect} match the --dataset/--bits/--methods/--seeds given; "
-                        f"drop or widen them")
+        raise UserError(f"no results under {args.collect} match the --dataset/--bits/--methods/--seeds/--lr-grid "
+                        f"given; drop or widen them")
     return (records, ordered(args.methods or [r["method"] for r in records], list(METHODS)),
             args.dataset or [r["dataset"] for r in records], args.bits or {r["bits"] for r in records})
+
+
+def ordered(found, paper_order):
+    """Known names in the paper's order, then the others in the order given."""
+    return [x for x in paper_order if x in found] + [x for x in dict.fromkeys(found) if x not in paper_order]
+
+
+def run(jobs, args):
+    """(failures as (label, command, exit status), signal number or None); the runner reports each cell."""
+    def note(job):
+        record = read_result(os.path.join(job.folder, "results.json"))
+        return f"test mAP@100 {record['value']:.2f}%" if record else None
+    failures, signum = grid_runner.run_jobs(jobs, args.jobs, args.gpus, args.per_gpu, on_finish=note)
+    return [(job.label, job.cmd, status) for job, status, _ in failures], signum
 
 
 @exit_on_user_error
 def main(argv=None):
     args, extra = parse_args(argv)
     methods, datasets = args.methods or list(METHODS), args.dataset or list(PAPER)
-    grid = cells(methods, datasets, args.bits or list(PAPER_BITS), args.seeds or [0])
-    if args.print_commands:
-        return print_commands(grid, args.out, args.data, extra) or 0
+    grid = cells(methods, datasets, args.bits or list(PAPER_BITS), args.seeds or [0], args.lr_grid)
     report = os.path.abspath(args.report or args.collect or args.out)
-    print(f"report: {os.path.join(report, 'table.{md,csv,json,png}')}")
+    if not args.collect:
+        check_writable(args.out, "--out")
+    if args.slurm:
+        check_writable(args.slurm, "--slurm")
+    if not args.print_commands and not args.slurm:
+        check_writable(report, "--report")
+    if args.figure_bits is not None and args.figure_bits not in (args.bits or PAPER_BITS) and not args.collect:
+        raise UserError(f"--figure-bits {args.figure_bits} is not one of the table's --bits {args.bits or list(PAPER_BITS)}")
     failures = []
+    if not args.print_commands and not args.slurm:
+        print(f"report: {os.path.join(report, 'table.{md,csv,json}')} and the figures table, pr_curves, "
+              f"precision_at_k (.png, .pdf)")
     if args.collect:
         records, methods, datasets, bits = collected(args)
     else:
-        print(f"run folders: {os.path.join(args.out, '<dataset>', '<method>_<bits>bit_seed<seed>')} "
+        found = assess_grid(grid, args, extra)
+        if args.print_commands:
+            return print_commands(jobs_of(grid, found, args, extra), args.out) or 0
+        if args.slurm:
+            path = grid_runner.write_sbatch(args.slurm, jobs_of(grid, found, args, extra, resume_auto=True),
+                                                args.slurm_max_running, args.slurm_args)
+            print(f"wrote {path}; submit it with:\n  sbatch {shlex.quote(path)}\nthen gather with the same "
+                  f"table command (or python -m utils.table --collect {shlex.quote(args.out)})")
+            return 0
+        for cell, a in found.items():
+            if a.state == "finished":
+                print(f"skipped {cell_label(cell)}: finished ({os.path.join(run_folder(args.out, cell), 'results.json')})")
+            elif a.state == "resume":
+                print(f"resuming {cell_label(cell)}: {a.reason}")
+        print(f"run folders: {os.path.join(args.out, '<dataset>', '<method>_<bits>bit[_lr<lr>]_seed<seed>')} "
               f"(each run's output in its log.txt)")
-        try:
-            failures = run_grid(grid, args.out, args.data, extra)
-        except KeyboardInterrupt:
-            print("\ninterrupted; run the same command again to resume the grid", file=sys.stderr)
-            return 130
-        done = [run_folder(args.out, c) for c in grid if folder_status(run_folder(args.out, c)) == "finished"]
+        failures, signum = run(jobs_of(grid, found, args, extra), args)
+        if signum:
+            print(f"\nstopped by signal {signum}; run the same command again to resume the grid", file=sys.stderr)
+            return 128 + signum
+        done = [run_folder(args.out, c) for c in grid if assess(c, args.out, args.data, extra).state == "finished"]
         records = [r for r in (read_result(os.path.join(f, "results.json")) for f in done) if r]
         bits = {c.bits for c in grid}
-    rows = aggregate(records, methods, ordered(datasets, list(PAPER)), sorted(set(bits)))
-    paths = write_report(report, rows, failures)
-    print("wrote " + ", ".join(paths.values()))
+    if args.figure_bits is not None and args.figure_bits not in bits:
+        raise UserError(f"--figure-bits {args.figure_bits} is not among the bits found: {sorted(bits)}")
+    rows = aggregate(records, methods, ordered(datasets, list(PAPER)), sorted(set(bits)), args.lr_grid)
+    paths = write_report(report, rows, failures, args.lr_grid, args.figure_bits)
+    print("wrote " + ", ".join(paths))
     if failures:
-        print(f"{len(failures)} cell(s) failed:\n" + "\n".join(f"  exit status {s}: {shlex.join(cmd)}"
-                                                                for _, cmd, s in failures), file=sys.stderr)
+        print(f"{len(failures)} cell(s) failed:\n" + "\n".join(f"  {label} exit status {s}: {shlex.join(cmd)}"
+                                                                for label, cmd, s in failures), file=sys.stderr)
         return 1
     return 0
 

@@ -1,6 +1,4 @@
-"""Pictures: a grid of queries and their top-k results, bit balance, and the Table I plot."""
-import math
-
+"""Pictures: a grid of queries and their top-k results, bit balance, and the table's figures (matplotlib)."""
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -53,78 +51,95 @@ def to_chw(image):
     return np.asarray(image).transpose(2, 0, 1).copy()
 
 
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
+def _figure(n_panels, width=4.8, height=3.9):
+    """A matplotlib figure drawn by the Agg backend (files only: no display, no global pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width * max(n_panels, 1), height + 0.9), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, max(n_panels, 1), squeeze=False)[0]
+    return fig, axes
 
 
-def mAP_against_bits(path, rows):
-    """The table's picture: mAP@100 against bits (log2 axis), one panel per dataset, one colour per method:
-    solid lines with filled dots are ours, dashed lines with rings the paper's."""
-    from PIL import ImageFont
+def _colours(labels):
+    from matplotlib import colormaps
+    cmap = colormaps["tab10"]
+    return {label: cmap(i % 10) for i, label in enumerate(labels)}
 
-    def font(size):
-        try:
-            return ImageFont.load_default(size=size)
-        except TypeError:  # Pillow < 10.1: one small bitmap font
-            return ImageFont.load_default()
 
-    small, big = font(14), font(18)
+def _save(fig, stem, handles_labels=None):
+    """stem.png and stem.pdf, the legend under the panels."""
+    if handles_labels and handles_labels[0]:
+        fig.legend(*handles_labels, loc="outside lower center", ncols=min(4, len(handles_labels[0])), frameon=False)
+    paths = [f"{stem}.png", f"{stem}.pdf"]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    return paths
+
+
+def table_figure(stem, rows):
+    """mAP@100 against bits (log2 axis), one panel per dataset, one colour per method: ours as solid
+    lines with error bars of +- the std over seeds, the paper's as dashed lines with open circles
+    where the paper has a value. Writes stem.png and stem.pdf; returns their paths."""
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     labels = list(dict.fromkeys(r["method"] for r in rows))
-    bits = sorted({r["bits"] for r in rows})
-    values = [v for r in rows for v in (r["mean"], r["paper"]) if v is not None]
-    lo = min(values, default=0.0)
-    step = next(s for s in (1, 2, 5, 10, 20) if (100 - lo) / s <= 8)
-    lo = min(math.floor(lo / step) * step, 100 - step)
-    pw, ph, left, top, right, bottom = 460, 360, 70, 50, 20, 60
-    entries = [(label, COLOURS[j % len(COLOURS)], False) for j, label in enumerate(labels)]
-    entries += [("ours", "black", False), ("the paper's Table I", "black", True)]
-    per_row = max(1, pw * len(datasets) // 230)
-    legend_h = 30 * math.ceil(len(entries) / per_row) + 20
-    img = Image.new("RGB", (pw * len(datasets), ph + legend_h), "white")
-    dr = ImageDraw.Draw(img)
-    x_lo, x_hi = math.log2(bits[0]), math.log2(bits[-1])
-    for i, d in enumerate(datasets):
-        x0, x1, y0, y1 = i * pw + left, (i + 1) * pw - right, top, ph - bottom
-
-        def px(b, x0=x0, x1=x1):  # one bit length: the middle; else log2 spacing, 10 px from the frame
-            return (x0 + x1) / 2 if x_hi == x_lo else x0 + 10 + (x1 - x0 - 20) * (math.log2(b) - x_lo) / (x_hi - x_lo)
-
-        def py(v, y0=y0, y1=y1):
-            return y1 - (y1 - y0) * (v - lo) / (100 - lo)
-        dr.text(((x0 + x1) / 2, 20), d, fill="black", font=big, anchor="mm")
-        for v in range(int(lo), 101, step):
-            dr.line([(x0, py(v)), (x1, py(v))], fill="#e6e6e6")
-            dr.text((x0 - 6, py(v)), str(v), fill="black", font=small, anchor="rm")
-        for b in bits:
-            dr.line([(px(b), y1), (px(b), y1 + 5)], fill="black")
-            dr.text((px(b), y1 + 8), str(b), fill="black", font=small, anchor="mt")
-        dr.rectangle([x0, y0, x1, y1], outline="black")
-        dr.text(((x0 + x1) / 2, y1 + 32), "bits (log scale)", fill="black", font=small, anchor="mt")
-        dr.text((x0 - 6, y0 - 8), "mAP@100 (%)", fill="black", font=small, anchor="ls")
-        for j, label in enumerate(labels):
-            colour = COLOURS[j % len(COLOURS)]
-            mine = [r for r in rows if r["dataset"] == d and r["method"] == label]
-            for field, dashed in (("paper", True), ("mean", False)):
-                pts = [(px(r["bits"]), py(r[field])) for r in mine if r[field] is not None]
-                for a, b in zip(pts, pts[1:]):
-                    _line(dr, a, b, colour, dashed)
-                for x, y in pts:
-                    dr.ellipse([x - 4, y - 4, x + 4, y + 4], outline=colour, width=2,
-                               fill="white" if dashed else colour)
-    for j, (label, colour, dashed) in enumerate(entries):
-        x, y = 20 + (j % per_row) * 230, ph + 10 + 30 * (j // per_row)
-        _line(dr, (x, y + 8), (x + 40, y + 8), colour, dashed)
-        dr.ellipse([x + 16, y + 4, x + 24, y + 12], outline=colour, width=2, fill="white" if dashed else colour)
-        dr.text((x + 50, y + 8), label, fill="black", font=small, anchor="lm")
-    img.save(path)
+    colours, bits = _colours(labels), sorted({r["bits"] for r in rows})
+    fig, axes = _figure(len(datasets))
+    legend = {}
+    for ax, d in zip(axes, datasets):
+        for label in labels:
+            mine = sorted((r for r in rows if r["dataset"] == d and r["method"] == label), key=lambda r: r["bits"])
+            ours = [r for r in mine if r["mean"] is not None]
+            if ours:
+                h = ax.errorbar([r["bits"] for r in ours], [r["mean"] for r in ours],
+                                yerr=[r["std"] or 0.0 for r in ours], color=colours[label], marker="o", ms=5,
+                                lw=1.8, capsize=3)
+                legend.setdefault(label, h)
+            paper = [r for r in mine if r["paper"] is not None]
+            if paper:
+                ax.plot([r["bits"] for r in paper], [r["paper"] for r in paper], color=colours[label], ls="--",
+                        lw=1.2, marker="o", ms=5, mfc="white")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(bits, [str(b) for b in bits])
+        ax.minorticks_off()
+        ax.set(title=d, xlabel="code length (bits)", ylabel="test mAP@100 (%)")
+        ax.grid(alpha=0.3)
+    if any(r["paper"] is not None for r in rows):
+        from matplotlib.lines import Line2D
+        legend["ours (mean ± std over seeds)"] = Line2D([], [], color="black", marker="o", lw=1.8)
+        legend["the paper's Table I"] = Line2D([], [], color="black", ls="--", marker="o", mfc="white", lw=1.2)
+    return _save(fig, stem, (list(legend.values()), list(legend)))
 
 
-def _line(draw, a, b, colour, dashed):
-    if not dashed:
-        draw.line([a, b], fill=colour, width=3)
-        return
-    n = max(1, int(math.dist(a, b) // 8))
-    for k in range(0, n, 2):  # every other 8-pixel piece
-        p, q = k / n, min(k + 1, n) / n
-        draw.line([(a[0] + (b[0] - a[0]) * p, a[1] + (b[1] - a[1]) * p),
-                   (a[0] + (b[0] - a[0]) * q, a[1] + (b[1] - a[1]) * q)], fill=colour, width=2)
+def _curves_figure(stem, rows, bits, key, x, y, xlabel, ylabel, what):
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    labels = list(dict.fromkeys(r["method"] for r in rows))
+    colours = _colours(labels)
+    fig, axes = _figure(len(datasets))
+    legend = {}
+    for ax, d in zip(axes, datasets):
+        drawn = 0
+        for r in rows:
+            if r["dataset"] == d and r["bits"] == bits and r.get(key):
+                h, = ax.plot(r[key][x], r[key][y], color=colours[r["method"]], marker=".", ms=4, lw=1.5)
+                legend.setdefault(r["method"], h)
+                drawn += 1
+        if not drawn:
+            ax.text(0.5, 0.5, f"no {what} recorded\nat {bits} bits", ha="center", va="center", transform=ax.transAxes)
+        ax.set(title=f"{d}, {bits} bits", xlabel=xlabel, ylabel=ylabel, ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    return _save(fig, stem, (list(legend.values()), list(legend)))
+
+
+def pr_curves_figure(stem, rows, bits):
+    """Precision against recall over the Hamming radii 0..L of the test queries (mean over seeds), one
+    panel per dataset, one line per method, at `bits`. Writes stem.png and stem.pdf."""
+    return _curves_figure(stem, rows, bits, "pr_curve", "recall", "precision", "recall",
+                          "precision (within Hamming radius)", "PR curves")
+
+
+def precision_at_k_figure(stem, rows, bits):
+    """Precision at K (top K of the Hamming ranking, test queries, mean over seeds) against K, one
+    panel per dataset, one line per method, at `bits`. Writes stem.png and stem.pdf."""
+    return _curves_figure(stem, rows, bits, "precision_at_k", "k", "precision", "K (retrieved images)",
+                          "precision@K", "precision@K curves")

@@ -1,0 +1,222 @@
+"""From run records to the table's rows (seeds averaged, a learning rate chosen on val, the cost)
+and to table.md, table.csv, table.json and the figures."""
+import csv
+import json
+import os
+import shlex
+import statistics
+
+from utils.run_state import write_json_atomic
+from utils.table_cells import FEATURE_METHODS, IGNORED, FEATURE_IGNORED, METHODS
+
+PAPER_BITS = (16, 32, 64, 128)
+_PAPER_ROWS = {  # the paper's Table I, mAP@100 in %, at PAPER_BITS
+    "NWPU-RESISC45": {"mb": (99.69, 99.83, 99.91, 99.97), "mu": (99.19, 99.86, 99.87, 99.96),
+                      "dhcnn": (98.07, 92.12, 94.24, 99.95), "triplet": (76.02, 84.21, 87.39, 89.25),
+                      "dpsh": (29.94, 31.09, 42.51, 47.98), "itq": (63.35, 82.59, 87.54, 88.66),
+                      "lsh": (32.98, 50.38, 67.82, 77.35)},
+    "EuroSAT": {"mb": (99.89, 99.99, 99.97, 99.99), "mu": (99.93, 99.97, 100.00, 100.00),
+                "dhcnn": (99.51, 99.29, 99.95, 99.38), "triplet": (94.94, 96.73, 97.22, 98.02),
+                "dpsh": (57.10, 85.76, 98.81, 98.40), "itq": (92.08, 93.61, 93.44, 93.64),
+                "lsh": (49.44, 69.37, 81.24, 87.89)},
+}
+PAPER = {ds: {m: dict(zip(PAPER_BITS, v)) for m, v in rows.items()} for ds, rows in _PAPER_ROWS.items()}
+HEADER = ("Test mAP@100 (%), R = 100, database = train split, queries = test split. Each cell: ours "
+          "(mean ± sample std over seeds, n = seeds), the paper's Table I value and ours minus the paper's.")
+LR_NOTE = ("With --lr-grid, each trained cell shows the learning rate chosen by the best mean val mAP@100 over "
+           "seeds (lr_grid in table.json: {lr: val mAP@100 in %}); only the chosen rate's test number is shown.")
+COST_HEADER = ("Cost: training seconds of each cell's runs (all seeds and learning rates; the sum of their epoch "
+               "times, x processes under DDP; LSH/ITQ: encoding the train split and the fit), on the device named.")
+
+
+def settings(record, lr_grid):
+    """The flags of a run that can change its number, but the seed (and the rate when a grid chooses it)."""
+    skip = (FEATURE_IGNORED if record["method"] in FEATURE_METHODS else IGNORED) | {"seed"}
+    if lr_grid:
+        skip = skip | {"lr"}
+    return tuple(sorted((k, json.dumps(v)) for k, v in record["args"].items()
+                        if k not in skip and not (k == "pipeline" and v == "auto")))
+
+
+def _groups(records, lr_grid):
+    """{(method, dataset, bits): {settings: [records]}}; of two runs of one cell, the newer is kept."""
+    out = {}
+    for rec in sorted(records, key=lambda r: _mtime(r["folder"])):
+        part = out.setdefault((rec["method"], rec["dataset"], rec["bits"]), {}).setdefault(settings(rec, lr_grid), [])
+        same = [r for r in part if r["seed"] == rec["seed"] and (not lr_grid or r["lr"] == rec["lr"])]
+        for old in same:
+            print(f"warning: {old['folder']} and {rec['folder']} are the same cell; using the newer")
+            part.remove(old)
+        part.append(rec)
+    return out
+
+
+def _mtime(folder):
+    try:
+        return os.path.getmtime(os.path.join(folder, "results.json"))
+    except OSError:
+        return 0.0
+
+
+def _label(method, part_settings, all_settings):
+    """The paper's row name; with runs of one cell made with other flags, those flags too."""
+    name = METHODS[method][0] if method in METHODS else method
+    if len(all_settings) < 2:
+        return name
+    dicts = [dict(s) for s in all_settings]
+    mine = dict(part_settings)
+    differing = sorted(k for k in set().union(*dicts) if len({d.get(k) for d in dicts}) > 1)
+    return name + " [" + ", ".join(f"{k}={json.loads(mine[k]) if k in mine else '?'}" for k in differing) + "]"
+
+
+def choose_lr(runs):
+    """(chosen lr, {lr: mean val mAP@100}): among the rates with the most finished seeds, the best mean
+    val score; a tie goes to the rate found first. Test numbers play no part."""
+    by_lr = {}
+    for r in runs:
+        by_lr.setdefault(r["lr"], []).append(r["val"])
+    most = max(len(v) for v in by_lr.values())
+    scores = {lr: statistics.mean(v) for lr, v in by_lr.items()}
+    chosen = max((lr for lr, v in by_lr.items() if len(v) == most), key=lambda lr: scores[lr])
+    return chosen, scores
+
+
+def _mean_curve(runs, key, x, y):
+    curves = [r[key] for r in runs if r.get(key)]
+    curves = [c for c in curves if len(c[x]) == len(curves[0][x])] if curves else []
+    if not curves:
+        return None
+    return {x: [statistics.mean(v) for v in zip(*(c[x] for c in curves))],
+            y: [statistics.mean(v) for v in zip(*(c[y] for c in curves))]}
+
+
+def aggregate(records, methods, datasets, bits, lr_grid=None):
+    """One row per method x dataset x bits (and per set of other flags, when runs disagree): mean and sample
+    std over seeds, the paper's value and the difference, the chosen learning rate, the cost, the curves."""
+    groups, rows = _groups(records, lr_grid), []
+    for m in methods:
+        for d in datasets:
+            for b in bits:
+                parts = groups.get((m, d, b)) or {(): []}
+                for part_settings, runs in parts.items():
+                    rows.append(_row(m, d, b, runs, _label(m, part_settings, list(parts)), lr_grid))
+    return rows
+
+
+def _row(m, d, b, all_runs, label, lr_grid):
+    lr, scores = (None, None)
+    runs = all_runs
+    if lr_grid and all_runs and m not in FEATURE_METHODS:
+        lr, scores = choose_lr(all_runs)
+        runs = [r for r in all_runs if r["lr"] == lr]
+    runs = sorted(runs, key=lambda r: r["seed"])
+    vals = [r["value"] for r in runs]
+    mean = statistics.mean(vals) if vals else None
+    paper = PAPER.get(d, {}).get(m, {}).get(b)
+    timed = [r for r in all_runs if r["seconds"] is not None]
+    row = {"method": label, "key": m, "dataset": d, "bits": b, "n_seeds": len(vals), "mean": mean,
+           "std": statistics.stdev(vals) if len(vals) > 1 else None, "paper": paper,
+           "diff": None if mean is None or paper is None else mean - paper, "seeds": [r["seed"] for r in runs],
+           "runs": [{"seed": r["seed"], "lr": r["lr"], "value": r["value"], "val": r["val"], "folder": r["folder"]}
+                    for r in runs],
+           "seconds": sum(r["seconds"] * r["world_size"] for r in timed) if timed else None,
+           "untimed_runs": len(all_runs) - len(timed),
+           "devices": sorted({r["device"] for r in timed if r["device"]}),
+           "pr_curve": _mean_curve(runs, "pr", "recall", "precision"),
+           "precision_at_k": _mean_curve(runs, "pk", "k", "precision")}
+    if lr_grid:
+        row["lr"] = lr
+        row["lr_grid"] = None if scores is None else {repr(float(k)): v for k, v in scores.items()}
+    return row
+
+
+def format_cell(row):
+    ours = "—" if row["mean"] is None else f"{row['mean']:.2f}"
+    if row["n_seeds"] > 1:
+        ours += f" ± {row['std']:.2f} (n={row['n_seeds']})"
+    if row.get("lr") is not None:
+        ours += f" lr {row['lr']:g}"
+    if row["paper"] is None:
+        return ours
+    return f"{ours} (paper {row['paper']:.2f}" + ("" if row["diff"] is None else f", {row['diff']:+.2f}") + ")"
+
+
+def format_seconds(row):
+    if row["seconds"] is None:
+        return "—"
+    text = f"{row['seconds']:.0f} s" if row["seconds"] >= 10 else f"{row['seconds']:.1f} s"
+    return text + (f" (+{row['untimed_runs']} untimed)" if row["untimed_runs"] else "")
+
+
+def totals(rows):
+    """Seconds of the whole grid per device kind, and how many runs recorded none."""
+    out = {}
+    for r in rows:
+        if r["seconds"] is not None:
+            kind = " + ".join(r["devices"]) or "unknown device"
+            out[kind] = out.get(kind, 0.0) + r["seconds"]
+    return {"seconds_by_device": out, "untimed_runs": sum(r["untimed_runs"] for r in rows)}
+
+
+def _grid(rows, cell_text):
+    cols = list(dict.fromkeys((r["dataset"], r["bits"]) for r in rows))
+    # As in the paper: the dataset named over its first bit length only ("NWPU-RESISC45 16 bits | 32 | ...").
+    heads = [f"{d} {b} bits" if k == 0 or cols[k - 1][0] != d else str(b) for k, (d, b) in enumerate(cols)]
+    lines = ["| method | " + " | ".join(heads) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label in dict.fromkeys(r["method"] for r in rows):
+        cells = {(r["dataset"], r["bits"]): cell_text(r) for r in rows if r["method"] == label}
+        lines.append(f"| {label} | " + " | ".join(cells.get(c, "—") for c in cols) + " |")
+    return lines
+
+
+def write_md(path, rows, failures=(), lr_grid=None):
+    lines = [HEADER] + ([LR_NOTE] if lr_grid else []) + [""] + _grid(rows, format_cell)
+    total = totals(rows)
+    spent = ", ".join(f"{s:.0f} s on {k}" for k, s in total["seconds_by_device"].items()) or "no recorded time"
+    lines += ["", COST_HEADER, ""] + _grid(rows, format_seconds) + ["", f"Total: {spent}"
+              + (f" ({total['untimed_runs']} run(s) without a recorded time)" if total["untimed_runs"] else "") + "."]
+    lines += [""] + [f"Failed: {label} (exit status {status}): `{shlex.join(cmd)}`" for label, cmd, status in failures]
+    _write_text(path, "\n".join(lines).rstrip() + "\n")
+
+
+def _num(x):
+    return "" if x is None else round(x, 4)
+
+
+def write_csv(path, rows, lr_grid=None):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "dataset", "bits", "n_seeds", "mean", "std", "paper", "diff", "seeds", "key",
+                    "lr", "seconds"])
+        for r in rows:
+            w.writerow([r["method"], r["dataset"], r["bits"], r["n_seeds"], _num(r["mean"]), _num(r["std"]),
+                        _num(r["paper"]), _num(r["diff"]), " ".join(map(str, r["seeds"])), r["key"],
+                        "" if r.get("lr") is None else r["lr"], _num(r["seconds"])])
+    os.replace(tmp, path)
+
+
+def write_json(path, rows, failures=(), lr_grid=None):
+    write_json_atomic(path, {"metric": HEADER, "lr_grid": lr_grid, "rows": rows, "cost": totals(rows),
+                             "failed": [{"cell": label, "command": cmd, "exit_status": s} for label, cmd, s in failures]})
+
+
+def _write_text(path, text):
+    with open(path + ".tmp", "w") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_report(folder, rows, failures=(), lr_grid=None, figure_bits=None):
+    """table.md/csv/json and the three figures (PNG and PDF); the paths written."""
+    from utils.visualize import precision_at_k_figure, pr_curves_figure, table_figure
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, f"table.{ext}") for ext in ("md", "csv", "json")]
+    write_md(paths[0], rows, failures, lr_grid)
+    write_csv(paths[1], rows, lr_grid)
+    write_json(paths[2], rows, failures, lr_grid)
+    bits = figure_bits or max((r["bits"] for r in rows), default=None)
+    paths += table_figure(os.path.join(folder, "table"), rows)
+    paths += pr_curves_figure(os.path.join(folder, "pr_curves"), rows, bits)
+    paths += precision_at_k_figure(os.path.join(folder, "precision_at_k"), rows, bits)
+    return paths

@@ -307,3 +307,27 @@ def test_the_table_two_at_once_and_as_an_array_job_gives_the_table_of_one_at_a_t
     assert capsys.readouterr().out.count("skipped digits mb_8bit_seed") == 2
     assert means(tmp_path / "at_once") == means(tmp_path / "array")
     assert [len(seeds) for _, _, seeds, _ in means(tmp_path / "array")] == [2]
+
+
+def test_cells_started_at_once_make_the_digits_folder_once_and_whole(tmp_path):
+    """Two digits cells of one grid may both create the dataset; neither may see or leave half of it."""
+    import threading
+
+    from utils.digits import make_digits
+
+    errors = []
+
+    def create():
+        try:
+            make_digits(str(tmp_path), size=8, per_class=12)
+        except Exception as err:  # noqa: BLE001 - any error is the failure looked for
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=create) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and os.listdir(tmp_path) == ["digits"]
+    assert sorted(Counter(os.path.basename(os.path.dirname(p)) for p in glob.glob(str(tmp_path / "digits/*/*.png"))
+                          ).values()) == [12] * 10

@@ -1,6 +1,7 @@
 """The offline demo dataset: scikit-learn's 1,797 real handwritten digits as RGB PNGs."""
 import os
 import shutil
+import threading
 
 import numpy as np
 from PIL import Image
@@ -11,7 +12,9 @@ def make_digits(root, name="digits", size=32, per_class=None):
     """Write <root>/<name>/<digit>/<n>.png, each 8x8 digit upsampled to size x size.
 
     per_class keeps the first images of each class (small test datasets).
-    Writes into a temporary folder and renames it, so an interrupted run leaves nothing half-made.
+    Writes into a temporary folder of this process and renames it, so an interrupted run leaves
+    nothing half-made and cells started at once (python -m utils.table --jobs) never share one:
+    the first complete folder renamed wins, the others are dropped.
     """
     from sklearn.datasets import load_digits
 
@@ -19,7 +22,7 @@ def make_digits(root, name="digits", size=32, per_class=None):
     if os.path.isdir(target):
         return target
     digits = load_digits()
-    tmp = target + ".partial"
+    tmp = f"{target}.partial-{os.getpid()}-{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
     counts = {}
     for img, label in tqdm(zip(digits.images, digits.target), total=len(digits.target),
@@ -33,5 +36,10 @@ def make_digits(root, name="digits", size=32, per_class=None):
         gray = (img / 16.0 * 255).round().astype(np.uint8)  # pixel values are 0..16
         Image.fromarray(gray).resize((size, size), Image.BICUBIC).convert("RGB").save(
             os.path.join(class_dir, f"{n:04d}.png"))
-    os.replace(tmp, target)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: its folder is the same
     return target

@@ -3,6 +3,7 @@
     python data/prepare.py download ucmerced|eurosat|eurosat-ms [--root DATA_DIR] [--remove-archive]
     python data/prepare.py check aid|nwpu|ucmerced|eurosat [--root DATA_DIR] [--path FOLDER]
     python data/prepare.py digits [--root DATA_DIR] [--size 32]
+    python data/prepare.py split --dataset DATASET [--data DATA_DIR] [--imgEXT EXT] --out SPLIT.json
 
 Archives are kept in <root>/downloads/ (git ignores it) unless --remove-archive is given, so
 a dataset folder deleted by mistake is rebuilt without downloading again.
@@ -202,6 +203,33 @@ def cmd_digits(args):
 
 
 # ---------------------------------------------------------------------------
+# split
+# ---------------------------------------------------------------------------
+
+def cmd_split(args):
+    """Write our split (70/10/20 per class, seed 42) of a dataset as a split file (--split-file)."""
+    from utils.data import SPLITS, SceneDataset
+    from utils.flags import image_extension
+    from utils.split_lists import lists_sha256, read_split_file, relative_lists, write_split_file
+
+    ext = image_extension(args.dataset, args.imgEXT)
+    folder = os.path.join(os.path.abspath(args.root), args.dataset)
+    lists = relative_lists([SceneDataset(os.path.abspath(args.root), args.dataset, s, ext) for s in SPLITS], folder)
+    if os.path.exists(args.out):
+        if os.path.isfile(args.out) and read_split_file(args.out, folder) == lists:
+            print(f"{args.out} already holds this split")
+            return
+        raise UserError(f"{args.out} already exists and holds other lists; pass another --out, or remove it first")
+    try:
+        write_split_file(args.out, lists)
+    except OSError as err:
+        raise UserError(f"cannot write the split file {args.out} ({err.strerror}); pass a writable --out") from None
+    counts = ", ".join(f"{len(lists[s])} {s}" for s in SPLITS)
+    print(f"wrote the split of {folder} ({counts}; sha256 {lists_sha256(lists)}) to {args.out}\n"
+          f"train with: --data {os.path.abspath(args.root)} --dataset {args.dataset} --split-file {args.out}")
+
+
+# ---------------------------------------------------------------------------
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Download, check or generate scene datasets in the "
@@ -226,6 +254,13 @@ def parse_args(argv=None):
     p.add_argument("--root", default=DEFAULT_ROOT, help=root_help)
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     p.set_defaults(func=cmd_digits)
+
+    p = sub.add_parser("split", help="write our train/val/test split of a dataset as a --split-file (JSON)")
+    p.add_argument("--dataset", required=True, help="dataset folder under --data")
+    p.add_argument("--data", "--root", dest="root", default=DEFAULT_ROOT, help=root_help)
+    p.add_argument("--imgEXT", default=None, help="image file extension (default: the dataset's own, else tif)")
+    p.add_argument("--out", required=True, help="the JSON file to write")
+    p.set_defaults(func=cmd_split)
     return parser.parse_args(argv)
 
 

@@ -100,3 +100,65 @@ def test_default_extensions_match_the_dataset_catalog():
         assert DATASET_EXTENSIONS[spec["name"]] == spec["ext"], spec["name"]
     assert image_extension("digits") == "png" and image_extension("mine") == "tif"
     assert image_extension("EuroSAT", ".PNG") == "PNG"
+
+
+# ----------------------------------------------------------------------------- split files
+
+def write_ours(tmp_path, counts=None):
+    """A dataset and our split of it written by data/prepare.py split; returns the split file."""
+    from data.prepare import main as prepare
+    make_tree(str(tmp_path), counts or {"a": 12, "b": 9, "c": 15}, ext="png")
+    out = tmp_path / "split.json"
+    prepare(["split", "--dataset", "scenes", "--data", str(tmp_path), "--imgEXT", "png", "--out", str(out)])
+    return out
+
+
+def test_our_split_written_and_read_back_gives_the_same_samples_and_hash(tmp_path):
+    import json
+    from utils.split_lists import lists_sha256, relative_lists
+    out = write_ours(tmp_path)
+    lists = json.loads(out.read_text())
+    assert set(lists) == {"train", "val", "test"} and lists["train"][0].startswith("a/")
+    folder = str(tmp_path / "scenes")
+    ours = [SceneDataset(str(tmp_path), "scenes", s, "png") for s in ("train", "val", "test")]
+    read = [SceneDataset(str(tmp_path), "scenes", s, "png", split_file=str(out)) for s in ("train", "val", "test")]
+    for a, b in zip(ours, read):
+        assert a.classes == b.classes and a.samples == b.samples and a.labels.tolist() == b.labels.tolist()
+    assert lists_sha256(relative_lists(ours, folder)) == lists_sha256(relative_lists(read, folder))
+    # Another split of the same files has another hash.
+    lists["train"][0], lists["test"][0] = lists["test"][0], lists["train"][0]
+    assert lists_sha256(lists) != lists_sha256(relative_lists(ours, folder))
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "is not readable JSON"),
+    ('{"train": [], "test": []}', "exactly the keys train, val and test"),
+    ('{"train": ["a/img000.png", "/abs/x.png", "loose.png"], "val": [], "test": []}',
+     r"2 path\(s\) that are not <class>/<image>.*: /abs/x.png, loose.png"),
+    ('{"train": ["a/img000.png"], "val": ["a/img000.png"], "test": []}', "names a/img000.png twice"),
+    ('{"train": ["a/img000.png", "a/gone.png"], "val": [], "test": ["b/nope.png"]}',
+     "2 of the 3 files named in split file .* do not exist in .*scenes: a/gone.png, b/nope.png; check --data"),
+])
+def test_a_bad_split_file_is_one_clear_error(tmp_path, content, message):
+    make_tree(str(tmp_path), {"a": 3, "b": 3}, ext="png")
+    path = tmp_path / "split.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        SceneDataset(str(tmp_path), "scenes", "train", "png", split_file=str(path))
+
+
+def test_a_missing_file_named_in_a_split_file_stops_the_run_in_one_line(tmp_path, capsys):
+    from conftest import load_script
+    from utils.trainer import run
+    out = write_ours(tmp_path)
+    os.remove(tmp_path / "scenes" / "b" / "img004.png")
+    argv = ["--data", str(tmp_path), "--dataset", "scenes", "--imgEXT", "png", "--split-file", str(out),
+            "--no-pretrained", "--img-size", "16", "--device", "cpu", "--num_workers", "0", "--out",
+            str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as stop:
+        run(load_script("train_MB").MemoryBankCDNE, "test", argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "1 of the 36 files named in split file" in lines[0] and "b/img004.png" in lines[0]
+    assert not (tmp_path / "runs").exists()

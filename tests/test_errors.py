@@ -220,6 +220,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mb, tiny, tmp_
     assert kept["epoch"] == good["epoch"] == 1
     for k in good["model"]:
         assert torch.equal(kept["model"][k], good["model"][k])
+    # A new run that fails before its first checkpoint leaves no run folder behind.
+    fresh = ["--data", tiny, "--dataset", "digits", "--out", str(tmp_path), "--name", "fresh", "--epochs", "1", *FAST]
+    assert_one_line_error(*run_inproc(mb, fresh, capsys), "no checkpoint had been written yet")
+    assert sorted(os.listdir(tmp_path)) == ["r"]
 
 
 def test_sigint_saves_a_resumable_checkpoint(tmp_path):
@@ -236,7 +240,8 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGINT, err
-    assert "Traceback" not in err and "stopped by SIGINT" in out and "--resume" in out
+    assert "Traceback" not in err and "stopped by SIGINT" in out
+    assert f"continue with: python {os.path.relpath(MB)} --resume {last}" in out  # the whole command
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step"] > 0  # mid-epoch
     done = subprocess.run(cmd + ["--resume", str(last)], capture_output=True, text=True, timeout=300)

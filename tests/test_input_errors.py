@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, load_script
 from utils.data import SceneDataset, read_rgb, remove_unreadable, unreadable
 from utils.multiband import band_statistics, read_multiband
 from utils.errors import UserError
@@ -236,3 +236,96 @@ def test_an_empty_class_folder_is_named(tmp_path):
             f.unlink()
     with pytest.raises(UserError, match=r"class folder .*a has no files; put the images of class a there"):
         SceneDataset(str(tmp_path), "scenes", "train", "png")
+
+
+# ----------------------------------------------------------------------------- 4. checked before training
+
+@pytest.fixture(scope="module")
+def mb():
+    return load_script("train_MB")
+
+
+def train_inproc(mb, data, dataset, out, *flags, capsys):
+    """The training script's main in this process, as `train` runs it; returns (exit status, stderr)."""
+    from utils.trainer import run
+    argv = ["--data", str(data), "--dataset", dataset, "--no-pretrained", "--img-size", "16", "--dim", "8",
+            "--num_workers", "0", "--device", "cpu", "--epochs", "1", "-b", "16", "--out", str(out), *flags]
+    try:
+        status = run(mb.MemoryBankCDNE, "test", argv)
+    except SystemExit as stop:
+        status = stop.code
+    captured = capsys.readouterr()
+    assert "epoch 1/1 train" not in captured.err  # stopped before training
+    return status, captured.err
+
+
+@pytest.mark.parametrize("shape,pages,samples", [((13, 16, 16), 13, 1), ((16, 16, 13), 16, 1), ((16, 16, 13), 1, 13)])
+def test_multiband_tiffs_read_as_rgb_stop_before_training(mb, tmp_path, capsys, shape, pages, samples):
+    # tifffile writes (13, H, W) as 13 pages and (H, W, 13) as H pages of W x 13, unless told it is
+    # one page of 13 samples per pixel (as EuroSAT's GeoTIFFs are); Pillow would read one page of each.
+    planar = {"photometric": "minisblack", "planarconfig": "contig"} if samples > 1 else {}
+    for c in "ab":
+        os.makedirs(tmp_path / "ms" / "X" / c)
+        for i in range(5):
+            tifffile.imwrite(tmp_path / "ms" / "X" / c / f"{i}.tif", np.full(shape, 100 * i, np.uint16), **planar)
+    status, err = train_inproc(mb, tmp_path / "ms", "X", tmp_path / "runs", "--imgEXT", "tif", capsys=capsys)
+    line = the_error(status, err, "holds 13 bands", f"{pages} page", f"{samples} sample", f"array shape {shape}",
+                     "9 more file(s) like it", "pass --bands 13", absent=["--skip-bad-images"])
+    assert os.path.join("X", "a", "0.tif") in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_rgb_tiffs_written_by_tifffile_and_pillow_still_read(tmp_path):
+    from utils.image_check import check_images
+    os.makedirs(tmp_path / "s" / "a")
+    os.makedirs(tmp_path / "s" / "b")
+    rgb = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    for i in range(4):
+        tifffile.imwrite(tmp_path / "s" / "a" / f"{i}.tif", rgb, photometric="rgb")
+        Image.fromarray(rgb).save(tmp_path / "s" / "b" / f"{i}.tif")
+    splits = [SceneDataset(str(tmp_path), "s", split, "tif") for split in ("train", "val", "test")]
+    assert check_images(splits) == []
+    for path in (tmp_path / "s" / "a" / "0.tif", tmp_path / "s" / "b" / "0.tif"):
+        img = read_rgb(str(path))
+        assert img.mode == "RGB" and np.array_equal(np.asarray(img), rgb)
+
+
+def test_every_unreadable_image_is_listed_before_training(mb, tmp_path, capsys):
+    rgb_tree(str(tmp_path / "d" / "scenes"))
+    damaged = [tmp_path / "d" / "scenes" / c / f"{i}.png" for c in "ab" for i in range(4)]
+    for path in damaged[:-1]:
+        damage(path)
+    cut = damaged[-1]  # header intact, pixel data cut short: only decoding finds it
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(cut)
+    cut.write_bytes(cut.read_bytes()[:70])
+    status, err = train_inproc(mb, tmp_path / "d", "scenes", tmp_path / "runs", "--imgEXT", "png", capsys=capsys)
+    line = the_error(status, err, "8 of the 30 images", "cannot be read", str(damaged[0]), "and 3 more",
+                     "--skip-bad-images")
+    assert not (tmp_path / "runs").exists()
+    from utils.image_check import find_unreadable
+    assert sorted(find_unreadable([str(p) for p in damaged] + [str(tmp_path / "d/scenes/c/0.png")])) == \
+        sorted(str(p) for p in damaged)
+    assert line.count(".png") >= 5
+
+
+@pytest.mark.parametrize("per_class,fragments", [
+    ({"a": 10}, ["has 1 class (a)", "at least 2 classes"]),
+    ({"a": 3, "b": 3}, ["the val split of", "has no image", "a 3, b 3"]),
+])
+def test_degenerate_datasets_stop_before_anything_is_written(mb, tmp_path, capsys, per_class, fragments):
+    for name, n in per_class.items():
+        rgb_tree(str(tmp_path / "d" / "scenes"), classes=name, per_class=n)
+    status, err = train_inproc(mb, tmp_path / "d", "scenes", tmp_path / "runs", "--imgEXT", "png", capsys=capsys)
+    the_error(status, err, *fragments)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_class_too_small_for_every_split_is_named_in_a_warning(tmp_path):
+    from utils.split_lists import check_split_sizes
+    rgb_tree(str(tmp_path / "scenes"), classes="ab", per_class=10)
+    rgb_tree(str(tmp_path / "scenes"), classes="c", per_class=2)
+    warnings = []
+    check_split_sizes(*(SceneDataset(str(tmp_path), "scenes", s, "png") for s in ("train", "val", "test")),
+                      warn=warnings.append)
+    assert warnings == ["warning: class c has 2 image(s): 1 train, 0 val, 1 test; too few to give every split an "
+                        "image (10 or more always do)"]

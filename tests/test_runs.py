@@ -248,3 +248,49 @@ def test_no_two_modules_of_utils_import_each_other():
         if module not in state:
             visit(module, [module])
     assert not cycles, "import cycles inside utils/: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def run_inproc(folder, argv, capsys, script_name):
+    """A training script's main in this process: (exit status, stdout, stderr)."""
+    from conftest import load_script
+    from utils.trainer import run
+    module = load_script(folder)
+    method = getattr(module, "MemoryBankCDNE", None) or module.MemoryUnitCDNE
+    try:
+        status = run(method, "test", argv, script=script_name)
+    except SystemExit as stop:
+        status = stop.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.mark.parametrize("more", [[], ["--epochs", "3"]])
+def test_another_methods_checkpoint_is_refused_first_naming_its_script(first_epoch, capsys, more):
+    last = first_epoch / "checkpoint_last.pth"
+    before = last.read_bytes()
+    status, out, err = run_inproc("train", ["--resume", str(last), *more], capsys, "train/main.py")
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == 2 and len(lines) == 1 and "nothing to do" not in out, (out, err)
+    assert f"was made by {os.path.relpath(MB)} (MB), not by this script (MU)" in lines[0]
+    assert f"continue it with: python {os.path.relpath(MB)} --resume {last}" in lines[0]
+    assert last.read_bytes() == before
+
+
+def test_resume_refuses_another_split_and_ours_is_the_runs(first_epoch, tiny_root, tmp_path, capsys):
+    from data.prepare import main as prepare
+    from utils.split_lists import lists_sha256
+    ours = tmp_path / "ours.json"
+    prepare(["split", "--dataset", "digits", "--data", tiny_root, "--out", str(ours)])
+    recorded = torch.load(first_epoch / "checkpoint_last.pth", weights_only=True)["args"]["split_sha256"]
+    assert json.loads((first_epoch / "args.json").read_text())["split_sha256"] == recorded
+    assert lists_sha256(json.loads(ours.read_text())) == recorded
+    lists = json.loads(ours.read_text())
+    lists["train"][0], lists["test"][0] = lists["test"][0], lists["train"][0]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(lists))
+    status, _, err = run_inproc("train_MB", ["--resume", str(first_epoch / "checkpoint_last.pth"), "--epochs", "2",
+                                             "--split-file", str(other)], capsys, "train_MB/main.py")
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert status == 2 and len(lines) == 1, err
+    assert "was trained on another split" in lines[0] and f"split file {other}" in lines[0]
+    assert torch.load(first_epoch / "checkpoint_last.pth", weights_only=True)["epoch"] == 1

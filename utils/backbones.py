@@ -90,14 +90,15 @@ def _tensors(d):
 
 
 def check_keys(state, model, arch, source, ignore=(), shapes_may_differ=False):
-    """A one-line UserError when `state` is not a state_dict of `model`: missing and unexpected
+    """A one-line UserError when `state` (names -> tensors, or None where only the name counts) is
+    not a state_dict of `model`: missing and unexpected
     key names (a few of each and their counts) and shapes that differ (unless they may: timm
     resamples position embeddings to the model's size)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.startswith(ignore)]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in {arch}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+              for k in own if state.get(k) is not None and state[k].shape != own[k].shape]
     if not (missing or unexpected or (shapes and not shapes_may_differ)):
         return
     raise UserError(f"weights {source} do not fit {arch}: {_few(missing)} missing keys, {_few(unexpected)} "
@@ -160,10 +161,7 @@ def build_timm(name, download=False, state=None, source=None, in_chans=3, img_si
     try:
         with _quiet_timm():
             if state is not None:
-                state = {k: v for k, v in state.items() if not k.startswith(classifier_prefixes(name))}
-                probe = _create(name, img_size, pretrained=False, **kwargs)
-                check_keys(state, probe, name, source, shapes_may_differ=True)
-                net = _create(name, img_size, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state), **kwargs)
+                net = _from_state(name, img_size, kwargs, state, source)
             elif download:
                 net = _download(name, img_size, kwargs)
             else:
@@ -178,6 +176,20 @@ def build_timm(name, download=False, state=None, source=None, in_chans=3, img_si
                         f"({_first_line(err)}); try another --img-size, or --bands / --weights that fit") from None
     _check_input_size(net, name, in_chans, size)
     return net, net.num_features
+
+
+def _from_state(name, img_size, kwargs, state, source):
+    """timm's own loading of a state_dict (its filters resample position embeddings, adapt a
+    3-band first layer to in_chans), then the key names checked against the model."""
+    state = {k: v for k, v in state.items() if not k.startswith(classifier_prefixes(name))}
+    names = set(state)  # timm loads non-strictly: what the file held is compared below
+    try:
+        net = _create(name, img_size, pretrained=True, pretrained_cfg_overlay=dict(state_dict=dict(state)), **kwargs)
+    except (RuntimeError, KeyError, ValueError, AssertionError, IndexError):
+        check_keys(state, _create(name, img_size, pretrained=False, **kwargs), name, source)
+        raise
+    check_keys(dict.fromkeys(names), net, name, source, shapes_may_differ=True)
+    return net
 
 
 def _download(name, img_size, kwargs):

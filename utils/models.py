@@ -106,3 +106,11 @@ class HashingNet(nn.Module):
         e = F.normalize(f.float(), dim=1)  # unit norm in float32, also under autocast
         return f, e, self.fc2(f)
 
+
+
+def network_for(args, splits, pretrained):
+    """The HashingNet of a run: --model and --dim, a trunk taking the channels the splits feed
+    it (splits.input, utils/weights.py) at --img-size."""
+    spec = getattr(splits, "input", None) or {}
+    return HashingNet(args.model, len(splits.classes), args.dim, pretrained, spec.get("channels", args.bands),
+                      img_size=args.img_size)

@@ -136,3 +136,22 @@ def download_torchgeo(weights):
         raise UserError(f"could not download torchgeo:{name} from {url} ({type(err).__name__}: "
                         f"{str(err).splitlines()[0][:160] if str(err) else ''}); on a machine without network, "
                         f"download it elsewhere and put it in {torch.hub.get_dir()}/checkpoints/") from None
+
+
+def model_channels(config):
+    """The input channels of a checkpoint's network (fewer than the files' bands where weights take some)."""
+    return (config.get("input") or {}).get("channels", config.get("in_channels", 3))
+
+
+def eval_transform_for(config):
+    """The eval transform of a checkpoint's config: its recorded input (bands, order, normalisation);
+    checkpoints from before it was recorded: ImageNet's for RGB, the band statistics otherwise."""
+    from .data import eval_transform
+    from .multiband import multiband_eval_transform
+
+    size, spec = config["img_size"], config.get("input") or {}
+    if config.get("in_channels", 3) == 3:
+        return eval_transform(size, spec["mean"], spec["std"]) if spec.get("mean") else eval_transform(size)
+    if spec.get("mean") is not None:
+        return multiband_eval_transform(size, spec["mean"], spec["std"], spec.get("band_order"))
+    return multiband_eval_transform(size, config["band_mean"], config["band_std"])

@@ -103,7 +103,7 @@ def wanted_flags(cell, data=None, extra=()):
 def _normal(key, value, flags):
     if key == "imgEXT":  # recorded after the script resolved the dataset's own extension
         return image_extension(flags.get("dataset", ""), value)
-    if key == "weights" and value and ":" not in value:  # a path; the table runs cells from the repository
+    if key in ("weights", "split_file") and value and ":" not in value:  # a path; cells run from the repository
         return os.path.normpath(os.path.join(REPO, value))
     return list(value) if isinstance(value, tuple) else value
 

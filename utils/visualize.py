@@ -55,7 +55,7 @@ def _figure(n_panels, width=4.8, height=3.9):
     """A matplotlib figure drawn by the Agg backend (files only: no display, no global pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(width * max(n_panels, 1), height + 0.9), layout="constrained")
+    fig = Figure(figsize=(max(7.0, width * n_panels), height + 0.9), layout="constrained")  # room for the legend
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, max(n_panels, 1), squeeze=False)[0]
     return fig, axes
@@ -70,7 +70,9 @@ def _colours(labels):
 def _save(fig, stem, handles_labels=None):
     """stem.png and stem.pdf, the legend under the panels."""
     if handles_labels and handles_labels[0]:
-        fig.legend(*handles_labels, loc="outside lower center", ncols=min(4, len(handles_labels[0])), frameon=False)
+        columns = max(1, int(fig.get_figwidth() / 2.2))  # about 2.2 inches per legend entry
+        fig.legend(*handles_labels, loc="outside lower center", ncols=min(columns, len(handles_labels[0])),
+                   frameon=False)
     paths = [f"{stem}.png", f"{stem}.pdf"]
     fig.savefig(paths[0], dpi=150)
     fig.savefig(paths[1])
@@ -127,6 +129,8 @@ def _curves_figure(stem, rows, bits, key, x, y, xlabel, ylabel, what):
         if not drawn:
             ax.text(0.5, 0.5, f"no {what} recorded\nat {bits} bits", ha="center", va="center", transform=ax.transAxes)
         ax.set(title=f"{d}, {bits} bits", xlabel=xlabel, ylabel=ylabel, ylim=(0, 1.02))
+        if key == "pr_curve":
+            ax.set_xlim(0, 1.02)
         ax.grid(alpha=0.3)
     return _save(fig, stem, (list(legend.values()), list(legend)))
 

@@ -94,7 +94,7 @@ def test_bad_input_is_refused_in_one_line():
     index = BinaryIndex(16)
     for call, match in ((lambda: index.add(np.ones((3, 15))), r"shape \(3, 15\) given to a 16-bit index"),
                         (lambda: BinaryIndex(16, "annoy"), "unknown search engine 'annoy'"),
-                        (lambda: BinaryIndex(16, "ivf", nprobes=3), "ivf takes nlist, nprobe, not nprobes"),
+                        (lambda: BinaryIndex(16, "ivf", nprobes=3), "ivf takes nlist, nprobe, niter, not nprobes"),
                         (lambda: BinaryIndex(16, "hnsw", M=0), "M must be a positive integer"),
                         (lambda: BinaryIndex(16, nlist=3), "the exact engine takes no parameters"),
                         (lambda: index.search(np.ones((1, 16)), 0), "k must be positive")):

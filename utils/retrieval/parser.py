@@ -25,7 +25,8 @@ from .engines import ENGINES
 # The flags of each approximate engine (utils/retrieval/engines.py says what they do).
 ENGINE_FLAGS = {name: tuple(cls.defaults) for name, cls in ENGINES.items()}
 ENGINE_HELP = {
-    "nlist": "ivf: number of clusters (default 4 sqrt(database size))",
+    "nlist": "ivf: number of clusters (default sqrt(database size))",
+    "niter": "ivf: k-means rounds when building (default 10)",
     "nprobe": "ivf: clusters scanned per query (default 16; more: slower, higher recall)",
     "M": "hnsw: graph links per code (default 16)",
     "efConstruction": "hnsw: candidates explored while building (default 40)",

@@ -1,0 +1,179 @@
+"""Hamming search at scale: today's float search (hamming_topk), raw faiss IndexBinaryFlat, and
+BinaryIndex, exact and approximate, on random codes.
+
+    python benchmarks/bench_search.py                       # 10^5, 10^6, 10^7 codes x 32, 64, 128 bits
+    python benchmarks/bench_search.py --sizes 100000 --bits 64 --queries 200
+
+For each size and bit count: build time, one query (median of 11), a batch of --queries queries
+(per query), file size, resident memory added (build; for a loaded BinaryIndex, after load and
+a search), recall@k of the approximate engines against the exact index and their speed-up over
+it. Today's search runs only up to --today-max codes and on --today-queries queries of the
+batch (its float codes and full sort take 32x the memory and minutes beyond); HNSW only up to
+--hnsw-max codes (its build is the slow part). Random codes are the hard case for approximate
+engines (no clusters); trained codes cluster, and recall is higher there.
+"""
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import faiss
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import print_header  # noqa: E402
+from utils.search import BinaryIndex, hamming_topk  # noqa: E402
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mb():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * PAGE / 2**20
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def one_query_ms(search, queries):
+    return 1e3 * statistics.median(timed(lambda: search(queries[i:i + 1]))[0] for i in range(11))
+
+
+def random_codes(n, code_bytes, seed):
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, code_bytes), np.uint8)
+    for start in range(0, n, 1 << 22):
+        out[start:start + (1 << 22)] = rng.integers(0, 256, (min(1 << 22, n - start), code_bytes), dtype=np.uint8)
+    return out
+
+
+def recall(found, exact):
+    return float(np.mean([len(set(a[a >= 0]) & set(b)) / len(b) for a, b in zip(found, exact)]))
+
+
+def row(rows, method, n, bits, build_s, one_ms, batch_ms, file_mb, mem_mb, rec="", speedup="", note=""):
+    rows.append((f"{n:.0e}".replace("+0", ""), bits, method, f"{build_s:.2f}" if build_s != "" else "",
+                 f"{one_ms:.2f}", f"{batch_ms:.3f}", f"{file_mb:.1f}" if file_mb != "" else "",
+                 f"{mem_mb:.0f}", rec, speedup, note))
+    print(" | ".join(str(x) for x in rows[-1]), flush=True)
+
+
+def bench(n, bits, args, rows, tmp):
+    nb = bits // 8
+    db, queries = random_codes(n, nb, n + bits), random_codes(args.queries, nb, 7)
+    k, cut = args.k, args.today_queries
+
+    if n <= args.today_max:  # today: float +-1 codes, matmul and a full stable sort per query
+        base = rss_mb()
+        build, db_f = timed(lambda: torch.from_numpy(np.unpackbits(db, axis=1).astype(np.float32) * 2 - 1))
+        q_f = torch.from_numpy(np.unpackbits(queries, axis=1).astype(np.float32) * 2 - 1)
+        mem = rss_mb() - base
+        one = one_query_ms(lambda q: hamming_topk(q, db_f, k), q_f)
+        t, (today_d, today_i) = timed(lambda: hamming_topk(q_f[:cut], db_f, k, chunk_size=16))
+        path = os.path.join(tmp, "today.pth")
+        torch.save({"codes": torch.from_numpy(np.unpackbits(db, axis=1).astype(np.int8) * 2 - 1)}, path)
+        size = os.path.getsize(path) / 2**20
+        os.remove(path)
+        row(rows, "today: hamming_topk (float)", n, bits, build, one, 1e3 * t / cut, size, mem,
+            note=f"batch: first {cut} queries")
+        del db_f, q_f
+        gc.collect()
+    else:
+        today_d = None
+
+    base = rss_mb()
+    flat = faiss.IndexBinaryFlat(bits)
+    build, _ = timed(lambda: flat.add(db))
+    mem = rss_mb() - base
+    one = one_query_ms(lambda q: flat.search(q, k), queries)
+    t_flat, (flat_d, flat_i) = timed(lambda: flat.search(queries, k))
+    path = os.path.join(tmp, "flat.faiss")
+    faiss.write_index_binary(flat, path)
+    size = os.path.getsize(path) / 2**20
+    os.remove(path)
+    row(rows, "faiss IndexBinaryFlat", n, bits, build, one, 1e3 * t_flat / len(queries), size, mem)
+    del flat
+    gc.collect()
+
+    base = rss_mb()
+    index = BinaryIndex(bits)
+    build, _ = timed(lambda: index.add_packed(db))
+    mem = rss_mb() - base
+    one = one_query_ms(lambda q: index.search_packed(q, k), queries)
+    t_exact, (exact_d, exact_i) = timed(lambda: index.search_packed(queries, k))
+    path = os.path.join(tmp, "exact.bidx")
+    index.save(path)
+    size = os.path.getsize(path) / 2**20
+    agree = np.array_equal(exact_d, flat_d)
+    if today_d is not None:
+        agree = agree and np.array_equal(exact_d[:cut], today_d.numpy()) and np.array_equal(exact_i[:cut],
+                                                                                          today_i.numpy())
+    row(rows, "BinaryIndex exact", n, bits, build, one, 1e3 * t_exact / len(queries), size, mem,
+        note=f"same results as {'today and ' if today_d is not None else ''}faiss: {agree}; "
+             f"{t_flat / t_exact:.2f}x faiss's batch speed")
+    del index
+    gc.collect()
+    base = rss_mb()
+    load, loaded = timed(lambda: BinaryIndex.load(path))
+    mem_load = rss_mb() - base
+    t_loaded, _ = timed(lambda: loaded.search_packed(queries, k))
+    row(rows, "BinaryIndex exact, loaded (mmap)", n, bits, load, one_query_ms(lambda q: loaded.search_packed(q, k),
+        queries), 1e3 * t_loaded / len(queries), size, rss_mb() - base,
+        note=f"{mem_load:.0f} MB resident after load, before the search")
+    del loaded
+    os.remove(path)
+    gc.collect()
+
+    engines = [("ivf", {}), ("ivf", {"nprobe": 64}), ("mih", {})]
+    if n <= args.hnsw_max:
+        engines.insert(2, ("hnsw", {}))
+    for engine, params in engines:
+        base = rss_mb()
+        approx = BinaryIndex.from_packed(bits, db, engine, **params)
+        build, _ = timed(lambda: approx.search_packed(queries[:1], k))  # builds the structure
+        mem = rss_mb() - base
+        one = one_query_ms(lambda q: approx.search_packed(q, k), queries)
+        t, (_, idx) = timed(lambda: approx.search_packed(queries, k))
+        path = os.path.join(tmp, "approx.bidx")
+        approx.save(path)
+        size = os.path.getsize(path) / 2**20
+        os.remove(path)
+        label = f"BinaryIndex {engine} " + ", ".join(f"{key} {v}" for key, v in approx.params.items())
+        row(rows, label, n, bits, build, one, 1e3 * t / len(queries), size, mem, rec=f"{recall(idx, exact_i):.3f}",
+            speedup=f"{t_exact / t:.1f}x")
+        del approx
+        gc.collect()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10**5, 10**6, 10**7])
+    p.add_argument("--bits", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--queries", type=int, default=1000, help="the query batch (default 1000)")
+    p.add_argument("--k", type=int, default=100, help="results per query, and the k of recall@k (default 100)")
+    p.add_argument("--today-max", type=int, default=10**6, help="largest database for today's search")
+    p.add_argument("--today-queries", type=int, default=100, help="queries of the batch for today's search")
+    p.add_argument("--hnsw-max", type=int, default=10**6, help="largest database for HNSW (slow to build)")
+    args = p.parse_args()
+    print_header()
+    print(f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads, numpy {np.__version__}; "
+          f"random codes, k = {args.k}, times in ms per query unless said")
+    rows = []
+    print("N | bits | method | build s | 1 query ms | batch ms/query | file MB | memory MB | recall@k | "
+          "speed-up vs exact | note")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sizes:
+            for bits in args.bits:
+                bench(n, bits, args, rows, tmp)
+
+
+if __name__ == "__main__":
+    main()

@@ -386,3 +386,16 @@ def test_real_runs_finish_are_skipped_then_trained_on_with_more_epochs(tiny_root
         table.main(grid + FAST + ["--epochs", "1"])
     assert exc.value.code == 2 and "--epochs 1 asked, the run's 2" in capsys.readouterr().err
     assert json.load(open(results)) == record2
+
+    # The split is compared by the sha256 the run recorded: the same images elsewhere are the same
+    # split; one image more is another.
+    import shutil
+    copy = str(tmp_path / "moved")
+    shutil.copytree(os.path.join(tiny_root, "digits"), os.path.join(copy, "digits"))
+    cell, extra = table.Cell("mb", "digits", 8, 0), FAST + ["--epochs", "2"]
+    assert table_cells.assess(cell, out, copy, extra).state == "finished"
+    shutil.copy(os.path.join(copy, "digits", "3", os.listdir(os.path.join(copy, "digits", "3"))[0]),
+                os.path.join(copy, "digits", "3", "extra.png"))
+    table_cells.current_split_sha256.cache_clear()
+    found = table_cells.assess(cell, out, copy, extra)
+    assert found.state == "stale" and "the split now (the 70/10/20 split of " in found.reason

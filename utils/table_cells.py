@@ -32,7 +32,8 @@ FEATURE_METHODS = ("itq", "lsh")  # train nothing: one run whatever the learning
 # The table sets these per cell; the same flag after -- would silently put a run in the wrong cell.
 RESERVED = ("--data", "--dataset", "--dim", "--seed", "--out", "--name", "--resume", "--method")
 # Flags that cannot change a number: where the data and outputs are, how fast, how it resumes.
-IGNORED = {"data", "out", "name", "resume", "num_workers", "device"}
+# (--split-file: the split's sha256, which runs record, is compared instead of its path.)
+IGNORED = {"data", "out", "name", "resume", "num_workers", "device", "split_file"}
 # ... and, for LSH and ITQ, the training flags: they fit once on the backbone's features.
 FEATURE_IGNORED = IGNORED | {"epochs", "lr", "batch_size", "momentum", "weight_decay", "lr_step", "lr_gamma",
                              "eval_every", "amp", "topk", "pipeline"}
@@ -130,6 +131,35 @@ def flag_differences(method, wanted, recorded):
     return out
 
 
+def split_difference(wanted, recorded):
+    """Why the split the cell would use now is not the run's (None when it is): the sha256 of the
+    lists, which runs record, where this machine can list the dataset; else the --split-file path."""
+    mine, theirs = (_normal("split_file", f.get("split_file"), f) for f in (wanted, recorded))
+    recorded_sha = recorded.get("split_sha256")
+    now = None
+    if recorded_sha and not wanted.get("skip_bad_images"):  # skipped images would change the lists
+        now = current_split_sha256(wanted["data"], wanted["dataset"], wanted["imgEXT"], mine)
+    if now is not None:
+        if now == recorded_sha:
+            return None
+        source = f"--split-file {mine}" if mine else f"the 70/10/20 split of {os.path.join(wanted['data'], wanted['dataset'])}"
+        return f"the split now ({source}, sha256 {now[:12]}...) is not the run's (sha256 {recorded_sha[:12]}...)"
+    return None if mine == theirs else f"--split-file {mine!r} asked, the run's {theirs!r}"
+
+
+@functools.lru_cache(maxsize=None)
+def current_split_sha256(data, dataset, ext, split_file):
+    """The sha256 of the train/val/test lists a run would use now (as utils.splits computes it), or
+    None where the dataset cannot be listed here (not downloaded yet, the digits demo not made)."""
+    from utils.data import SceneDataset
+    from utils.split_lists import lists_sha256, relative_lists
+    try:
+        sets = [SceneDataset(data, dataset, split, ext, split_file=split_file) for split in ("train", "val", "test")]
+    except (UserError, OSError, ValueError):
+        return None
+    return lists_sha256(relative_lists(sets, os.path.join(data, dataset)))
+
+
 Assessment = namedtuple("Assessment", "state reason")  # state: new, finished, resume, stale
 
 
@@ -153,16 +183,16 @@ def assess(cell, out, data=None, extra=()):
     if ckpt is not None and (record is None or (trains and ckpt[0] > ran)):
         epoch, ckpt_args = ckpt
         diffs = flag_differences(cell.method, wanted, ckpt_args)
-        if diffs:
-            return Assessment("stale", _say(diffs, "its checkpoint's"))
+        if diffs or split_difference(wanted, ckpt_args):
+            return Assessment("stale", _say(diffs, "its checkpoint's", split_difference(wanted, ckpt_args)))
         if trains and epoch > wanted["epochs"]:
             return Assessment("stale", f"its checkpoint has trained {epoch} epochs, more than the --epochs "
                                        f"{wanted['epochs']} asked")
         return Assessment("resume", "interrupted" if record is None else
                           f"its checkpoint has {epoch} epochs, more than its results.json's {ran}")
     diffs = flag_differences(cell.method, wanted, record["args"])
-    if diffs:
-        return Assessment("stale", _say(diffs, "the run's"))
+    if diffs or split_difference(wanted, record["args"]):
+        return Assessment("stale", _say(diffs, "the run's", split_difference(wanted, record["args"])))
     if trains and wanted["epochs"] > ran:
         if ckpt is None:
             return Assessment("stale", f"--epochs {wanted['epochs']} asked, the run's {ran}, and it has no "
@@ -173,8 +203,9 @@ def assess(cell, out, data=None, extra=()):
     return Assessment("finished", "")
 
 
-def _say(diffs, whose):
-    return ", ".join(f"{flag} {asked!r} asked, {whose} {theirs!r}" for flag, asked, theirs in diffs)
+def _say(diffs, whose, split=None):
+    return ", ".join([f"{flag} {asked!r} asked, {whose} {theirs!r}" for flag, asked, theirs in diffs]
+                     + ([split] if split else []))
 
 
 def _read_json(path):

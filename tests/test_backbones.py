@@ -274,3 +274,26 @@ def test_lsh_hashes_a_timm_backbone(tiny_root, tmp_path):
     best = torch.load(out / "lsh" / "checkpoint_best.pth", weights_only=True)
     assert best["model"]["fc1.weight"].shape == (8, 64)  # test_vit's 64 pooled features
     assert best["config"]["input"]["source"] == "timm:test_vit"
+
+
+def test_registry_matches_torchgeo():
+    """Our facts of torchgeo's enums against torchgeo itself, where it is installed (it is not a
+    dependency: utils/weights.py says why)."""
+    tg = pytest.importorskip("torchgeo.models")
+
+    def band(name):  # torchgeo writes B1 / B8a, we write B01 / B8A
+        return "B8A" if name.upper() in ("B8A", "B08A") else f"B{int(name[1:]):02d}"
+
+    for name, entry in weights.TORCHGEO.items():
+        enum, member = name.split(".")
+        w = getattr(tg, enum)[member]
+        assert (w.url, w.meta["model"]) == (entry["url"], entry["arch"]), name
+        assert [band(b) for b in w.meta["bands"]] == list(entry["bands"]) and w.meta["in_chans"] == len(entry["bands"])
+        c = len(entry["bands"])
+        x = (torch.arange(1, c + 1, dtype=torch.float32) * 700).view(1, c, 1, 1).expand(1, c, 256, 256).contiguous()
+        try:
+            y = w.transforms({"image": x})["image"]
+        except (TypeError, KeyError, IndexError):
+            y = w.transforms(x)
+        mean, std = weights.scaling(entry["steps"], c)
+        torch.testing.assert_close(y[0, :, 0, 0], (x[0, :, 0, 0] - torch.tensor(mean)) / torch.tensor(std))

@@ -17,6 +17,7 @@ import urllib.error
 
 import torch
 
+from . import distributed as dist
 from .backbones import normalization
 from .errors import UserError
 
@@ -36,7 +37,8 @@ SECO = (((3.0, 2.0, 0.0), (85.0, 101.0, 129.0)), (0.0, 1 / 255), ((0.485, 0.456,
 
 
 def _entry(arch, path, bands, steps=TEN_K):
-    return {"arch": arch, "url": f"{HF}/{path}", "bands": bands, "steps": steps}
+    return {"arch": arch, "url": path if path.startswith("https://") else f"{HF}/{path}", "bands": bands,
+            "steps": steps}
 
 
 TORCHGEO = {
@@ -45,7 +47,7 @@ TORCHGEO = {
     "ResNet18_Weights.SENTINEL2_RGB_SECO": _entry("resnet18", "resnet18_sentinel2_rgb_seco/resolve/f8dcee692cf7142163b55a5c197d981fe0e717a0/resnet18_sentinel2_rgb_seco-cefca942.pth", S2_RGB, SECO),  # noqa: E501
     "ResNet50_Weights.SENTINEL2_ALL_MOCO": _entry("resnet50", "resnet50_sentinel2_all_moco/resolve/da4f3c9dbe09272eb902f3b37f46635fa4726879/resnet50_sentinel2_all_moco-df8b932e.pth", S2_ALL),  # noqa: E501
     "ResNet50_Weights.SENTINEL2_ALL_DINO": _entry("resnet50", "resnet50_sentinel2_all_dino/resolve/d7f14bf5530d70ac69d763e58e77e44dbecfec7c/resnet50_sentinel2_all_dino-d6c330e9.pth", S2_ALL),  # noqa: E501
-    "ResNet50_Weights.SENTINEL2_ALL_DECUR": _entry("resnet50", "decur/resolve/eba7ae5945d482a4319be046d34b552db5dd9950/rn50_ssl4eo-s12_ms_decur_ep100-fc6b09ff.pth", S2_ALL),  # noqa: E501
+    "ResNet50_Weights.SENTINEL2_ALL_DECUR": _entry("resnet50", "https://huggingface.co/torchgeo/decur/resolve/eba7ae5945d482a4319be046d34b552db5dd9950/rn50_ssl4eo-s12_ms_decur_ep100-fc6b09ff.pth", S2_ALL),  # noqa: E501
     "ResNet50_Weights.SENTINEL2_ALL_SECO_ECO": _entry("resnet50", "seco-eco/resolve/aea279ea46572cfca5876ac1f9d8d8595fcdeb3b/resnet50_sentinel2_all_seco_eco-90ec322f.pth", S2_NO_CIRRUS),  # noqa: E501
     "ResNet50_Weights.SENTINEL2_RGB_MOCO": _entry("resnet50", "resnet50_sentinel2_rgb_moco/resolve/efd9723b59a88e9dc1420dc1e96afb25b0630a3c/resnet50_sentinel2_rgb_moco-2b57ba8b.pth", S2_RGB),  # noqa: E501
     "ResNet50_Weights.SENTINEL2_RGB_SECO": _entry("resnet50", "resnet50_sentinel2_rgb_seco/resolve/fbd07b02a8edb8fc1035f7957160deed4321c145/resnet50_sentinel2_rgb_seco-018bf397.pth", S2_RGB, SECO),  # noqa: E501
@@ -113,7 +115,7 @@ def input_spec(args):
                             "not 8-bit RGB images; read the 13-band TIFFs with --bands 13 (e.g. --dataset "
                             "EuroSAT_MS): the weights' bands are picked from them in the weights' order")
         order, note = band_order(args.dataset, args.bands, entry["bands"])
-        if note:
+        if note and dist.is_main():
             print(note)
         mean, std = scaling(entry["steps"], len(order))
         return {"source": f"torchgeo:{name}", "band_order": order, "channels": len(order), "mean": mean, "std": std}

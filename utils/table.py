@@ -28,10 +28,10 @@ import shlex
 import sys
 import time
 
-from utils.errors import UserError, exit_on_user_error
 from utils import grid_runner
-from utils.table_cells import (FEATURE_METHODS, METHODS, REPO, RESERVED, STALE_MARK, Cell, assess,  # noqa: F401
-                               cell_label, cell_name, collect, command, read_result, run_folder)
+from utils.errors import UserError, exit_on_user_error
+from utils.table_cells import (FEATURE_METHODS, METHODS, REPO, RESERVED, STALE_MARK, Cell, assess, cell_label,
+                               collect, command, read_result, run_folder)
 from utils.table_report import PAPER, PAPER_BITS, aggregate, write_report
 
 

@@ -36,7 +36,7 @@ RESERVED = ("--data", "--dataset", "--dim", "--seed", "--out", "--name", "--resu
 IGNORED = {"data", "out", "name", "resume", "num_workers", "device", "split_file"}
 # ... and, for LSH and ITQ, the training flags: they fit once on the backbone's features.
 FEATURE_IGNORED = IGNORED | {"epochs", "lr", "batch_size", "momentum", "weight_decay", "lr_step", "lr_gamma",
-                             "eval_every", "amp", "topk", "pipeline"}
+                             "eval_every", "amp", "topk"}
 STALE_MARK = ".stale-"  # folders set aside by --rerun-stale: <folder>.stale-<time>
 
 Cell = namedtuple("Cell", "method dataset bits seed lr", defaults=(None,))

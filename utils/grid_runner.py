@@ -103,7 +103,8 @@ class _Grid:
 
         self.tqdm = tqdm
         self.pending, self.free, self.cwd, self.on_finish, self.refresh = list(jobs), free, cwd, on_finish, refresh
-        self.running, self.failures, self.done, self.stop, self.asked_again = [], [], 0, None, False
+        self.running, self.failures, self.done, self.stopped = [], [], 0, 0
+        self.stop, self.asked_again = None, False
         self.bar = tqdm(total=len(self.pending), unit="cell", dynamic_ncols=True)
 
     def on_signal(self, signum, frame):
@@ -136,7 +137,7 @@ class _Grid:
                 with open(job.log, "a") as log:
                     log.write(f"could not start: {err}\n")
                 self.free.append(place)
-                self.finished(job, 127, [f"could not start: {err}"])
+                self.failed(job, 127, [f"could not start: {err}"])
                 continue
             self.running.append(_Child(job, place, proc))
             where = "" if place is None else f" on GPU {place}"
@@ -170,21 +171,23 @@ class _Grid:
             if status and child.signalled and status == 128 + child.signalled:
                 self.tqdm.write(f"stopped {job.label} after {took} (exit status {status}); the same command "
                                 "continues it from its checkpoint")
+                self.stopped += 1
             elif status:
-                self.finished(job, status, log_tail(job.log))
+                self.failed(job, status, log_tail(job.log))
             else:
                 note = self.on_finish(job) if self.on_finish else None
                 self.tqdm.write(f"finished {job.label} in {took}" + (f": {note}" if note else ""))
                 self.done += 1
         return bool(ended)
 
-    def finished(self, job, status, tail):
+    def failed(self, job, status, tail):
         """A failed cell: recorded with its log's last lines; the others go on."""
         self.failures.append((job, status, tail))
         self.tqdm.write(f"FAILED {job.label} (exit status {status}); its log {job.log} ends:\n  " + "\n  ".join(tail))
 
     def draw(self):
-        failed = f", {len(self.failures)} failed" if self.failures else ""
+        failed = (f", {len(self.failures)} failed" if self.failures else "") + (
+            f", {self.stopped} stopped" if self.stopped else "")
         self.bar.n = self.done + len(self.failures)
         self.bar.set_description(f"{self.done} done{failed}, {len(self.running)} running, {len(self.pending)} left",
                                  refresh=False)

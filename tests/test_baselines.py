@@ -112,6 +112,25 @@ def test_dpsh_buffer_update():
     assert "U" in method.state_dict()
 
 
+def test_dpsh_state_dict_between_steps_is_all_it_needs():
+    """What a checkpoint holds after a step (U) gives the next step exactly: a resumed run
+    continues as the straight one."""
+    torch.manual_seed(4)
+    labels = torch.arange(12) % 3
+    steps = [(torch.tensor([3, 7, 0, 9]), torch.randn(4, 5)), (torch.tensor([1, 3, 11, 6]), torch.randn(4, 5))]
+    straight = DPSH(make_args(DPSH, 5), None, labels)
+    cut = DPSH(make_args(DPSH, 5), None, labels)
+    for method in (straight, cut):
+        idx, u = steps[0]
+        method.losses(make_batch(u, labels[idx], idx))["total"]
+    resumed = DPSH(make_args(DPSH, 5), None, labels)
+    resumed.load_state_dict(cut.state_dict())
+    idx, u = steps[1]
+    u = u.requires_grad_()
+    check(resumed.losses(make_batch(u, labels[idx], idx))["total"], straight.losses(make_batch(u, labels[idx], idx))["total"], u)
+    assert torch.equal(resumed.U, straight.U)
+
+
 # --------------------------------------------------------------------------- Triplet
 
 

@@ -199,10 +199,10 @@ def main(argv=None):
     if args.figure_bits is not None and args.figure_bits not in (args.bits or PAPER_BITS) and not args.collect:
         raise UserError(f"--figure-bits {args.figure_bits} is not one of the table's --bits {args.bits or list(PAPER_BITS)}")
     failures = []
-    if not args.print_commands and not args.slurm:
-        print(f"report: {os.path.join(report, 'table.{md,csv,json}')} and the figures table, pr_curves, "
-              f"precision_at_k (.png, .pdf)")
+    where = (f"report: {os.path.join(report, 'table.{md,csv,json}')} and the figures table, pr_curves, "
+             f"precision_at_k (.png, .pdf)")
     if args.collect:
+        print(where)
         records, methods, datasets, bits = collected(args)
     else:
         found = assess_grid(grid, args, extra)
@@ -219,7 +219,7 @@ def main(argv=None):
                 print(f"skipped {cell_label(cell)}: finished ({os.path.join(run_folder(args.out, cell), 'results.json')})")
             elif a.state == "resume":
                 print(f"resuming {cell_label(cell)}: {a.reason}")
-        print(f"run folders: {os.path.join(args.out, '<dataset>', '<method>_<bits>bit[_lr<lr>]_seed<seed>')} "
+        print(f"{where}\nrun folders: {os.path.join(args.out, '<dataset>', '<method>_<bits>bit[_lr<lr>]_seed<seed>')} "
               f"(each run's output in its log.txt)")
         failures, signum = run(jobs_of(grid, found, args, extra), args)
         if signum:

@@ -24,6 +24,7 @@ KEY_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 # Pretrained downloads of timm models, name -> URL; empty means timm's own source (Hugging Face
 # hub or its URL). A table so that tests can point a download at a local server.
 TIMM_URLS = {}
+HF_HUB = "https://huggingface.co"
 
 
 def check_model_name(name):
@@ -200,18 +201,50 @@ def _download(name, img_size, kwargs):
     url = TIMM_URLS.get(name)
     overlay = dict(url=url, hf_hub_id=None) if url else None
     cfg = timm.models.get_pretrained_cfg(name)
-    where = url or (f"https://huggingface.co/{cfg.hf_hub_id}" if cfg and cfg.hf_hub_id else (cfg.url if cfg else None))
+    where = url or (f"{HF_HUB}/{cfg.hf_hub_id}" if cfg and cfg.hf_hub_id else (cfg.url if cfg else None))
     if not where:
         raise UserError(f"timm has no pretrained weights for {name}; train from scratch with --no-pretrained "
                         "or pass a state_dict with --weights PATH")
+    # Without network the Hugging Face hub retries for minutes; ask it for its cache only then.
+    offline = not url and cfg.hf_hub_id and not _reachable(HF_HUB)
     try:
-        return _create(name, img_size, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        with _hub_offline(offline):
+            return _create(name, img_size, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         if "size mismatch" in str(err) or "Kernel size" in str(err):
             raise
         raise UserError(f"could not download timm's pretrained weights for {name} from {where} "
                         f"({type(err).__name__}: {_first_line(err)}); on a machine without network, train from "
                         "scratch with --no-pretrained, or pass a local state_dict with --weights PATH") from None
+
+
+def _reachable(url, timeout=5.0):
+    """Whether a TCP connection to the URL's host can be opened (name resolved, port open)."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlparse(url)
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline):
+    """huggingface_hub in offline mode (its cache only) while `offline`."""
+    if not offline:
+        yield
+        return
+    import huggingface_hub.constants as hub
+
+    saved = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
 
 
 def _check_input_size(net, name, in_chans, size):

@@ -43,7 +43,7 @@ Cell = namedtuple("Cell", "method dataset bits seed lr", defaults=(None,))
 
 
 def cell_name(cell):
-    lr = "" if cell.lr is None else f"_lr{cell.lr:g}"
+    lr = "" if cell.lr is None else f"_lr{float(cell.lr)!r}"  # repr: two rates never share a folder
     return f"{cell.method}_{cell.bits}bit{lr}_seed{cell.seed}"
 
 

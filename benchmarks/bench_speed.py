@@ -1,7 +1,7 @@
 """Speed and memory of the chunked CDNE loss and of the cached input pipeline, against the
 straightforward versions.
 
-    python benchmarks/bench_speed.py loss --rows 22050 65537 1000000     # B = 256, L = 128
+    python benchmarks/bench_speed.py loss --rows 22005 65537 1000000     # B = 256, L = 128
     python benchmarks/bench_speed.py pipeline --images 512 --workers 0 2  # colour 256x256 JPEGs
     python benchmarks/bench_speed.py loss --device cuda --rows 1000000    # on a GPU
     python benchmarks/bench_speed.py pipeline --device cuda               # cached batches augmented on a GPU
@@ -299,7 +299,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     lo = sub.add_parser("loss", help="chunked vs direct CDNE loss")
-    lo.add_argument("--rows", type=int, nargs="+", default=[22050, 65537, 1_000_000], help="memory rows N")
+    lo.add_argument("--rows", type=int, nargs="+", default=[22005, 65537, 1_000_000], help="memory rows N")
     lo.add_argument("--batch", type=int, default=256, help="B")
     lo.add_argument("--dim", type=int, default=128, help="L")
     lo.add_argument("--classes", type=int, default=45)

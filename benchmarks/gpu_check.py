@@ -91,7 +91,7 @@ def main():
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("-b", "--batch-size", type=int, default=256)
     p.add_argument("--img-size", type=int, default=256)
-    p.add_argument("--num-samples", type=int, default=31500, help="memory rows (NWPU-RESISC45's train split: 22,050)")
+    p.add_argument("--num-samples", type=int, default=31500, help="memory rows (all 31,500 NWPU-RESISC45 images; its train split holds 22,005)")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--lr", type=float, default=0.01, help="random init on noise diverges at the paper's 0.1")
     p.add_argument("--device", default="cuda", help="cuda (the point of this check) or cpu (a smoke test)")

@@ -214,6 +214,8 @@ def cmd_split(args):
 
     ext = image_extension(args.dataset, args.imgEXT)
     folder = os.path.join(os.path.abspath(args.root), args.dataset)
+    if args.dataset == "digits" and not os.path.isdir(folder):  # as training creates it on first use
+        cmd_digits(argparse.Namespace(root=args.root, size=32))
     lists = relative_lists([SceneDataset(os.path.abspath(args.root), args.dataset, s, ext) for s in SPLITS], folder)
     if os.path.exists(args.out):
         if os.path.isfile(args.out) and read_split_file(args.out, folder) == lists:

@@ -294,3 +294,31 @@ def test_resume_refuses_another_split_and_ours_is_the_runs(first_epoch, tiny_roo
     assert status == 2 and len(lines) == 1, err
     assert "was trained on another split" in lines[0] and f"split file {other}" in lines[0]
     assert torch.load(first_epoch / "checkpoint_last.pth", weights_only=True)["epoch"] == 1
+
+
+def test_test_pictures_are_logged_at_the_epoch_step(tmp_path):
+    """TensorBoard steps are epochs: the bit fractions are one histogram at the test's epoch."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from utils.evaluation import log_test_pictures
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(paths[-1])
+    split = SimpleNamespace(samples=[(p, i % 2) for i, p in enumerate(paths)], labels=torch.tensor([0, 1, 0, 1]))
+    codes = torch.tensor([[1.0, -1.0, 1.0], [1.0, 1.0, -1.0], [1.0, -1.0, -1.0], [1.0, -1.0, -1.0]])
+    calls = []
+
+    class Writer:
+        def __getattr__(self, name):
+            def record(tag, *args, **kw):  # add_pr_curve_raw(tag, tp, fp, tn, fn, precision, recall, step, n)
+                calls.append((name, tag, args[0], args[6] if name == "add_pr_curve_raw" else args[1]))
+            return record
+
+    metrics = {"pr_precision": [1.0] * 4, "pr_recall": [0.5] * 4}
+    log_test_pictures(Writer(), SimpleNamespace(test=split, db=split), metrics, codes, codes, 3, step=7, k=2)
+    assert {step for _, _, _, step in calls} == {7}
+    hist = [value for name, tag, value, _ in calls if tag == "test/bit_fraction_ones"]
+    assert len(hist) == 1 and hist[0].tolist() == [1.0, 0.25, 0.25]

@@ -74,10 +74,9 @@ def log_test_pictures(writer, splits, metrics, q_codes, db_codes, bands, step, n
                           [[splits.db.samples[j][0] for j in row] for row in idx_k.tolist()],
                           relevant, dist_k.tolist(), bands=bands)
     writer.add_image("test/retrieval_top10", to_chw(grid), step)
-    balance = bit_balance(db_codes).cpu()
-    writer.add_histogram("test/bit_balance", balance.numpy(), step, bins=20)
-    for bit, value in enumerate(balance.tolist()):
-        writer.add_scalar("test/bit_fraction_ones", value, bit)
+    # The fraction of ones of each bit over the database, one histogram at the epoch step of the
+    # other test values (steps are epochs everywhere; a scalar per bit would be L charts).
+    writer.add_histogram("test/bit_fraction_ones", bit_balance(db_codes).cpu().numpy(), step, bins=20)
 
 
 def tb_tag(metric):

@@ -16,7 +16,7 @@ which round after every op (truncating blends, an 8-bit HSV round trip for the h
 same choices its pixels differ from these by that rounding: about 1.5/255 on average on
 colour images, up to about 25/255 on a few pixels. (This module used to reproduce Pillow's 8-bit
 arithmetic exactly on the CPU; it was no faster than these formulas, so it went:
-docs/benchmarks_fastpaths.md.)
+docs/benchmarks.md section 4.2.)
 
 How. The resize (the same Pillow resize as transforms.Resize((S, S))) is done once, into one
 uint8 tensor (CachedImages); CachedBatches gathers each batch from it and augments the batch
@@ -57,7 +57,7 @@ class CachedImages:
     """Every image of a SceneDataset, decoded and resized to size x size, as one uint8 tensor.
 
     `images`: N x 3 x S x S uint8 (in the dataset's index order), `labels`: N labels.
-    Memory: N * 3 * S * S bytes, e.g. 22,050 NWPU-RESISC45 train images at S = 256 take 4.3 GB
+    Memory: N * 3 * S * S bytes, e.g. 22,005 NWPU-RESISC45 train images at S = 256 take 4.3 GB
     (float32 would take four times that). Decoding runs in `num_workers` DataLoader workers.
     """
 

@@ -65,7 +65,7 @@ class QuantizationLoss(nn.Module):
 # keeps a running log-sum-exp of the positives and of the negatives of every
 # row, and recomputes each chunk's scores in the backward pass, so it only ever
 # holds B x chunk_size temporaries. Measured on a 2-core CPU, forward + backward at
-# B = 256, L = 128 (docs/benchmarks_fastpaths.md): the same time as CDNELoss, and
+# B = 256, L = 128 (docs/benchmarks.md section 4.3): the same time as CDNELoss, and
 # peak memory 150-180 MB against 0.4 GB at N = 2^16 + 1 (where the engine switches),
 # 2.2 GB at N = 400,000 and 5.4 GB at N = 10^6.
 

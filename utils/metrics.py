@@ -24,8 +24,8 @@ distances, then the formulas above read off the ranked list. retrieval_metrics a
 single-metric functions after it compute the same numbers without sorting (a counting rank,
 described where it starts); the tests check that they agree with reference_metrics. It is
 kept because the sort dominates an evaluation on the CPU: at NWPU-RESISC45's size (6,300
-test queries x 22,050 database items x 128 bits, on 2 CPU cores) the counting rank takes 1.6 s
-and the reference 7.1 s, 4-5 times as long (docs/benchmarks_fastpaths.md).
+test queries x 22,005 database items x 128 bits, on 2 CPU cores) the counting rank takes 1.6 s
+and the reference 7.1 s, 4-5 times as long (docs/benchmarks.md section 4.1).
 """
 
 import torch

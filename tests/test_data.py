@@ -162,3 +162,20 @@ def test_a_missing_file_named_in_a_split_file_stops_the_run_in_one_line(tmp_path
     assert stop.value.code == 2 and len(lines) == 1 and "Traceback" not in err
     assert "1 of the 36 files named in split file" in lines[0] and "b/img004.png" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_retrieval_evaluates_on_the_runs_own_split_file(tmp_path):
+    import json
+    from types import SimpleNamespace
+    from utils.retrieval.command import resolve_dataset_flags, split_of
+    lists = json.loads(write_ours(tmp_path).read_text())
+    lists["train"][0], lists["test"][0] = lists["test"][0], lists["train"][0]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(lists))
+    run_args = {"dataset": "scenes", "imgEXT": "png", "data": str(tmp_path), "split_file": str(other)}
+    loaded = SimpleNamespace(args=run_args, config={"num_classes": 3, "dataset": "scenes"}, path="run.pth")
+    args = SimpleNamespace(dataset=None, imgEXT=None, data=None, split="test", skip_bad_images=False)
+    assert "split_file" in resolve_dataset_flags(args, loaded)
+    test = split_of(args, loaded.config)
+    assert [p for p, _ in test.samples][0].endswith(lists["test"][0])
+    assert test.samples != SceneDataset(str(tmp_path), "scenes", "test", "png").samples

@@ -44,6 +44,9 @@ def resolve_dataset_flags(args, loaded):
     if not args.imgEXT and run.get("imgEXT") and args.dataset == run.get("dataset"):
         args.imgEXT = run["imgEXT"]  # the extension belongs to the run's dataset, not to another one
         taken.append("imgEXT")
+    if run.get("split_file") and args.dataset == run.get("dataset"):
+        args.split_file = run["split_file"]  # the run's own splits (--split-file), not the default ones
+        taken.append("split_file")
     if not args.data:
         recorded = run.get("data")
         if recorded:
@@ -60,7 +63,7 @@ def resolve_dataset_flags(args, loaded):
 
 def split_of(args, config):
     ds = SceneDataset(args.data, args.dataset, args.split, image_extension(args.dataset, args.imgEXT),
-                      bands=config.get("in_channels", 3))
+                      bands=config.get("in_channels", 3), split_file=getattr(args, "split_file", None))
     if args.skip_bad_images:
         bad = remove_unreadable([ds])
         if bad:

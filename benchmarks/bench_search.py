@@ -84,7 +84,7 @@ def bench(n, bits, args, rows, tmp):
         os.remove(path)
         row(rows, "today: hamming_topk (float)", n, bits, build, one, 1e3 * t / cut, size, mem,
             note=f"batch: first {cut} queries")
-        del db_f, q_f
+        db_f = q_f = None
         gc.collect()
     else:
         today_d = None
@@ -100,7 +100,7 @@ def bench(n, bits, args, rows, tmp):
     size = os.path.getsize(path) / 2**20
     os.remove(path)
     row(rows, "faiss IndexBinaryFlat", n, bits, build, one, 1e3 * t_flat / len(queries), size, mem)
-    del flat
+    flat = None
     gc.collect()
 
     base = rss_mb()
@@ -119,7 +119,7 @@ def bench(n, bits, args, rows, tmp):
     row(rows, "BinaryIndex exact", n, bits, build, one, 1e3 * t_exact / len(queries), size, mem,
         note=f"same results as {'today and ' if today_d is not None else ''}faiss: {agree}; "
              f"{t_flat / t_exact:.2f}x faiss's batch speed")
-    del index
+    index = None
     gc.collect()
     base = rss_mb()
     load, loaded = timed(lambda: BinaryIndex.load(path))
@@ -128,7 +128,7 @@ def bench(n, bits, args, rows, tmp):
     row(rows, "BinaryIndex exact, loaded (mmap)", n, bits, load, one_query_ms(lambda q: loaded.search_packed(q, k),
         queries), 1e3 * t_loaded / len(queries), size, rss_mb() - base,
         note=f"{mem_load:.0f} MB resident after load, before the search")
-    del loaded
+    loaded = None
     os.remove(path)
     gc.collect()
 
@@ -149,7 +149,7 @@ def bench(n, bits, args, rows, tmp):
         label = f"BinaryIndex {engine} " + ", ".join(f"{key} {v}" for key, v in approx.params.items())
         row(rows, label, n, bits, build, one, 1e3 * t / len(queries), size, mem, rec=f"{recall(idx, exact_i):.3f}",
             speedup=f"{t_exact / t:.1f}x")
-        del approx
+        approx = None
         gc.collect()
 
 

@@ -253,6 +253,12 @@ def test_lr_grid_chooses_on_val_never_on_test_and_counts_every_run(tmp_path, cap
             assert len(img.convert("RGB").getcolors(1 << 20)) > 10, name  # curves drawn, not an empty panel
 
 
+def test_a_tie_on_val_goes_to_the_rate_listed_first():
+    from utils.table_report import choose_lr
+    runs = [{"lr": 0.001, "val": 50.0}, {"lr": 0.01, "val": 50.0}, {"lr": 0.1, "val": 49.0}]
+    assert choose_lr(runs, [0.01, 0.001, 0.1])[0] == 0.01 and choose_lr(runs, [0.001, 0.01, 0.1])[0] == 0.001
+
+
 def test_lr_grid_cells_are_one_per_rate_and_lsh_runs_once(tmp_path, capsys):
     out = str(tmp_path / "out")
     assert table.main(["--dataset", "digits", "--bits", "8", "--methods", "dpsh", "lsh", "--out", out,

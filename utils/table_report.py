@@ -69,11 +69,11 @@ def _label(method, part_settings, all_settings):
     return name + " [" + ", ".join(f"{k}={json.loads(mine[k]) if k in mine else '?'}" for k in differing) + "]"
 
 
-def choose_lr(runs):
+def choose_lr(runs, order=()):
     """(chosen lr, {lr: mean val mAP@100}): among the rates with the most finished seeds, the best mean
-    val score; a tie goes to the rate found first. Test numbers play no part."""
+    val score; a tie goes to the rate first in `order` (the --lr-grid). Test numbers play no part."""
     by_lr = {}
-    for r in runs:
+    for r in sorted(runs, key=lambda r: list(order).index(r["lr"]) if r["lr"] in order else len(order)):
         by_lr.setdefault(r["lr"], []).append(r["val"])
     most = max(len(v) for v in by_lr.values())
     scores = {lr: statistics.mean(v) for lr, v in by_lr.items()}
@@ -107,7 +107,7 @@ def _row(m, d, b, all_runs, label, lr_grid):
     lr, scores = (None, None)
     runs = all_runs
     if lr_grid and all_runs and m not in FEATURE_METHODS:
-        lr, scores = choose_lr(all_runs)
+        lr, scores = choose_lr(all_runs, lr_grid)
         runs = [r for r in all_runs if r["lr"] == lr]
     runs = sorted(runs, key=lambda r: r["seed"])
     vals = [r["value"] for r in runs]

@@ -177,6 +177,9 @@ def ordered(found, paper_order):
 
 def run(jobs, args):
     """(failures as (label, command, exit status), signal number or None); the runner reports each cell."""
+    if not jobs:  # every cell finished: no empty progress bar
+        return [], None
+
     def note(job):
         record = read_result(os.path.join(job.folder, "results.json"))
         return f"test mAP@100 {record['value']:.2f}%" if record else None

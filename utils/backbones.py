@@ -154,8 +154,6 @@ def build_timm(name, download=False, state=None, source=None, in_chans=3, img_si
     """A timm model as a trunk: (module, feature width). `download`: timm's default pretrained
     weights; `state`: a state_dict of this model (from `source`, a file or torchgeo), whose
     classifier is dropped; neither: random initialisation."""
-    import timm  # noqa: F401 - fails early with the library's own message when missing
-
     check_model_name(name)
     kwargs = dict(num_classes=0, in_chans=in_chans)
     size = img_size or 224

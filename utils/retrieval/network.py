@@ -5,10 +5,10 @@ from contextlib import nullcontext
 from torch.utils.data import DataLoader, Dataset
 
 from .. import checkpoint as ckpt_io
-from ..data import eval_transform, read_image
+from ..data import read_image
 from ..evaluation import encode
 from ..models import HashingNet
-from ..multiband import multiband_eval_transform
+from ..weights import eval_transform_for, model_channels
 from .index_file import weights_fingerprint
 
 
@@ -36,8 +36,9 @@ class Loaded:
         self.path, self.config, self.args = path, ckpt["config"], ckpt.get("args") or {}
         self.config.setdefault("in_channels", self.args.get("bands", 3))
         self.fingerprint = weights_fingerprint(ckpt["model"])
+        # The trunk's own channels and size (a timm transformer's position embeddings follow img_size).
         model = HashingNet(self.config["arch"], self.config["num_classes"], self.config["dim"], pretrained=False,
-                           in_channels=self.config["in_channels"])
+                           in_channels=model_channels(self.config), img_size=self.config.get("img_size"))
         model.load_state_dict(ckpt["model"])
         self.model = model.to(device).eval()
 
@@ -49,10 +50,9 @@ def load_model(path, device):
 
 
 def transform_of(config):
-    size = config["img_size"]
-    if config.get("in_channels", 3) == 3:
-        return eval_transform(size)
-    return multiband_eval_transform(size, config["band_mean"], config["band_std"])
+    """The checkpoint's recorded input (bands, order, the backbone's normalisation); ImageNet's or
+    the band statistics for checkpoints from before it was recorded."""
+    return eval_transform_for(config)
 
 
 def encode_files(model, config, paths, labels, device, batch_size, num_workers):

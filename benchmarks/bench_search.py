@@ -3,6 +3,7 @@ BinaryIndex, exact and approximate, on random codes.
 
     python benchmarks/bench_search.py                       # 10^5, 10^6, 10^7 codes x 32, 64, 128 bits
     python benchmarks/bench_search.py --sizes 100000 --bits 64 --queries 200
+    python benchmarks/bench_search.py --choose-engine --sizes 1000000 --bits 64   # the exact scans compared
 
 For each size and bit count: build time, one query (median of 11), a batch of --queries queries
 (per query), file size, resident memory added (build; for a loaded BinaryIndex, after load and
@@ -153,6 +154,33 @@ def bench(n, bits, args, rows, tmp):
         gc.collect()
 
 
+def choose_engine(n, bits, n_queries, k):
+    """The candidates for BinaryIndex's exact scan, timed on one batch: faiss's IndexBinaryFlat,
+    faiss's knn_hamming on our own array (no copy), numpy's bitwise_count with a partial sort,
+    and today's float matmul with a full sort."""
+    nb = bits // 8
+    db, queries = random_codes(n, nb, 1), random_codes(n_queries, nb, 2)
+    flat = faiss.IndexBinaryFlat(bits)
+    flat.add(db)
+    words = db.view(np.uint64) if nb % 8 == 0 else None
+
+    def numpy_scan():
+        for q in (queries.view(np.uint64) if words is not None else queries):
+            d = np.bitwise_count(np.bitwise_xor(words if words is not None else db, q)).sum(1, dtype=np.int32)
+            part = np.argpartition(d, k)[:k]
+            part[np.lexsort((part, d[part]))]
+
+    db_f = torch.from_numpy(np.unpackbits(db, axis=1).astype(np.float32) * 2 - 1)
+    q_f = torch.from_numpy(np.unpackbits(queries, axis=1).astype(np.float32) * 2 - 1)
+    print(f"exact scans, {n} codes of {bits} bits, {n_queries} queries, k = {k} (ms per query):")
+    for name, fn in (("faiss IndexBinaryFlat.search", lambda: flat.search(queries, k)),
+                     ("faiss knn_hamming (BinaryIndex's scan)", lambda: faiss.knn_hamming(queries, db, 2 * k)),
+                     ("numpy bitwise_count + argpartition", numpy_scan),
+                     ("torch float matmul + sort (hamming_topk)", lambda: hamming_topk(q_f, db_f, k, chunk_size=16))):
+        best = min(timed(fn)[0] for _ in range(2))
+        print(f"  {name:42s} {1e3 * best / n_queries:9.3f}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10**5, 10**6, 10**7])
@@ -162,8 +190,12 @@ def main():
     p.add_argument("--today-max", type=int, default=10**6, help="largest database for today's search")
     p.add_argument("--today-queries", type=int, default=100, help="queries of the batch for today's search")
     p.add_argument("--hnsw-max", type=int, default=10**6, help="largest database for HNSW (slow to build)")
+    p.add_argument("--choose-engine", action="store_true",
+                   help="only time the candidate exact scans (first --sizes, first --bits, 100 queries)")
     args = p.parse_args()
     print_header()
+    if args.choose_engine:
+        return choose_engine(args.sizes[0], args.bits[0], min(args.queries, 100), args.k)
     print(f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads, numpy {np.__version__}; "
           f"random codes, k = {args.k}, times in ms per query unless said")
     rows = []

@@ -36,6 +36,11 @@ def test_exact_search_is_a_stable_sort(bits):
     assert dist.dtype == idx.dtype == np.int64
     np.testing.assert_array_equal(dist, ref_dist)
     np.testing.assert_array_equal(idx, ref_idx)
+    # Queries are searched in chunks (bounded memory for any batch): the same answer in many pieces.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(search_mod, "QUERY_ENTRIES", 450)
+        for got, ref in zip(index.search(queries, 100), (ref_dist, ref_idx)):
+            np.testing.assert_array_equal(got, ref)
     # hamming_topk keeps its meaning: the same ranking, from float codes.
     t_dist, t_idx = hamming_topk(torch.from_numpy(queries).float(), torch.from_numpy(db).float(), 100)
     np.testing.assert_array_equal(t_dist.numpy(), ref_dist)

@@ -3,6 +3,7 @@ file as they come (memory bounded by a batch, whatever the number of images); un
 each process encodes a contiguous share and writes its own rows of the same file, so the index
 is the one a single process would write (the folder must be on a filesystem all ranks see)."""
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -79,11 +80,16 @@ def write_index(out, loaded, checkpoint, paths, labels, classes, device, batch_s
         writer = IndexWriter(out, folder, header, first_row, first_row + len(paths))
     dist.barrier()
     start, stop = share(len(paths))
-    rows = writer.open_rows()[start:stop]
-    encode_into(rows, loaded, paths[start:stop], device, batch_size, num_workers, "encode")
-    del rows
-    dist.barrier()
-    if dist.is_main():
-        writer.finish()
+    try:
+        rows = writer.open_rows()[start:stop]
+        encode_into(rows, loaded, paths[start:stop], device, batch_size, num_workers, "encode")
+        del rows
+        dist.barrier()
+        if dist.is_main():
+            writer.finish()
+    except BaseException:
+        if dist.is_main() and not appending:  # an index already at `out` is left as it was
+            shutil.rmtree(writer.folder, ignore_errors=True)
+        raise
     dist.barrier()
     return writer.total

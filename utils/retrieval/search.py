@@ -21,7 +21,7 @@ from .engines import ENGINES, approximate_engine, sort_results
 
 MAGIC = b"CDNE-BINARY-INDEX\n"
 HEADER_BYTES = 4096  # magic + JSON header, padded; the codes start here (page-aligned for mmap)
-QUERY_ENTRIES = 1 << 23  # results held at once (queries x 2k): bounds memory for any query batch
+QUERY_ENTRIES = 1 << 21  # results held at once (queries x 2k, ~50 bytes each): memory for any batch
 
 
 @torch.no_grad()

@@ -123,7 +123,7 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])  # USR1: the table as a Slurm job
 def test_a_stop_signal_reaches_the_running_cells_and_starts_nothing_new(tmp_path, sig):
     jobs = [dict(label=f"run{i}", cmd=[sys.executable, "-c", TRAPS, str(tmp_path / f"run{i}")], folder=str(tmp_path),
                  log=str(tmp_path / f"run{i}" / "log.txt")) for i in range(3)]

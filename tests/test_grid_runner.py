@@ -92,13 +92,16 @@ def test_a_failing_cell_leaves_the_others_going(tmp_path):
     ok = [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').close()"]
     jobs = [Job("bad", [sys.executable, "-c", "print('loading'); print('ValueError: boom'); raise SystemExit(3)"],
                 str(tmp_path), str(tmp_path / "bad" / "log.txt")),
-            Job("gone", [str(tmp_path / "no-python"), "x"], str(tmp_path), str(tmp_path / "gone" / "log.txt"))]
+            Job("gone", [str(tmp_path / "no-python"), "x"], str(tmp_path), str(tmp_path / "gone" / "log.txt")),
+            Job("killed", [sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"], str(tmp_path),
+                str(tmp_path / "killed" / "log.txt"))]  # e.g. by the kernel, out of memory
     jobs += [Job(f"ok{i}", ok + [str(tmp_path / f"ok{i}.done")], str(tmp_path), str(tmp_path / f"ok{i}" / "log.txt"))
              for i in range(3)]
     failures, stopped = run_jobs(jobs, jobs_at_once=2, on_finish=lambda job: f"note on {job.label}")
     assert stopped is None and all((tmp_path / f"ok{i}.done").exists() for i in range(3))
     tails = {job.label: (status, tail) for job, status, tail in failures}  # in the order they failed
-    assert sorted(tails) == ["bad", "gone"] and tails["bad"][0] == 3 and tails["gone"][0] == 127
+    assert sorted(tails) == ["bad", "gone", "killed"] and (tails["bad"][0], tails["gone"][0]) == (3, 127)
+    assert tails["killed"][0] == 128 + 9  # as a shell reports it
     assert tails["bad"][1][-2:] == ["loading", "ValueError: boom"] and "could not start" in tails["gone"][1][-1]
 
 

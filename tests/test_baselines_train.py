@@ -19,9 +19,9 @@ def baseline(*args):
     return subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True, env=ENV, timeout=600)
 
 
-# DHCNN's pairwise term over the batch alone has gradients N/B times those of DPSH's (which
-# averages over the whole train set); at lr 0.01 from random init its codes collapse on the demo
-# (docs/benchmarks.md section 3), at 0.001 it learns.
+# DHCNN's in-batch pairwise term starts saturated on the random-init trunk's features (theta_ij
+# 10-50) and sends FC1 about 10x the gradient of the cross-entropy: at lr 0.01 its codes blow up
+# and collapse within 3 steps (docs/benchmarks.md section 3.1); at 0.001 it learns.
 @pytest.mark.parametrize("method,name,lr", [("dpsh", "DPSH", "0.01"), ("triplet", "Triplet", "0.01"),
                                           ("dhcnn", "DHCNN", "0.001")])
 def test_trained_methods_learn_on_digits(method, name, lr, digits_root, tmp_path):

@@ -163,7 +163,7 @@ def two_rank_worker(rank, port, out_dir):
         torch.distributed.destroy_process_group()
 
 
-def run_two_ranks(out_dir, timeout=120):
+def run_two_ranks(out_dir, timeout=300):
     import torch.multiprocessing as mp
 
     with socket.socket() as sock:  # a free port on the loopback interface

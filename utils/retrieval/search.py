@@ -5,8 +5,8 @@ faiss, exactly (the default) or approximately; `hamming_topk` is the float refer
 Exact search is faiss's `knn_hamming` (the scan of `IndexBinaryFlat`, run on our own array, so a
 memory-mapped database is searched without being read in), made exact under section 6's rule
 whatever faiss does with ties: it is asked for 2k results, which are ordered by (distance, index);
-where the k-th distance still reaches the end of that list, the items at that distance are taken
-in index order from a scan. The engine was chosen by measurement (docs/benchmarks.md, search).
+where the k-th distance still reaches the end of that list, for four times as many, and so on;
+past 65,536 the items at that distance are taken in index order from a scan. The engine was chosen by measurement (docs/benchmarks.md, search).
 """
 import json
 import os
@@ -22,6 +22,7 @@ from .engines import ENGINES, approximate_engine, sort_results
 MAGIC = b"CDNE-BINARY-INDEX\n"
 HEADER_BYTES = 4096  # magic + JSON header, padded; the codes start here (page-aligned for mmap)
 QUERY_ENTRIES = 1 << 21  # results held at once (queries x 2k, ~50 bytes each): memory for any batch
+WIDEST = 1 << 16  # results asked of faiss per query before ties are settled by a scan
 
 
 @torch.no_grad()
@@ -70,19 +71,27 @@ def exact_search(queries, db, k):
     n, k = len(db), min(int(k), len(db))
     if k == 0 or len(queries) == 0:
         return np.zeros((len(queries), k), np.int64), np.zeros((len(queries), k), np.int64)
-    wide = min(n, 2 * k)
-    dists, idxs = [], []
-    step = max(1, QUERY_ENTRIES // wide)
-    for start in range(0, len(queries), step):
-        chunk = np.ascontiguousarray(queries[start:start + step])
-        d, i = faiss.knn_hamming(chunk, db, wide)
-        d, i = sort_results(d.astype(np.int64), i.astype(np.int64))
-        if wide < n:
-            for row in np.flatnonzero(d[:, wide - 1] == d[:, k - 1]):
-                d[row, :k], i[row, :k] = ties_in_index_order(chunk[row], db, d[row, :k], i[row, :k])
-        dists.append(d[:, :k])
-        idxs.append(i[:, :k])
-    return np.concatenate(dists), np.concatenate(idxs)
+    dists, idxs = np.empty((len(queries), k), np.int64), np.empty((len(queries), k), np.int64)
+    rows, wide = np.arange(len(queries)), min(n, 2 * k)
+    # Ask faiss for `wide` results; the rows whose k-th distance still reaches the end of them are
+    # asked again for four times as many, up to WIDEST; beyond that, a scan settles the ties.
+    while len(rows):
+        spilled = []
+        step = max(1, QUERY_ENTRIES // wide)
+        for start in range(0, len(rows), step):
+            part = rows[start:start + step]
+            d, i = faiss.knn_hamming(np.ascontiguousarray(queries[part]), db, wide)
+            d, i = sort_results(d.astype(np.int64), i.astype(np.int64))
+            spill = (d[:, wide - 1] == d[:, k - 1]) if wide < n else np.zeros(len(part), bool)
+            dists[part[~spill]], idxs[part[~spill]] = d[~spill, :k], i[~spill, :k]
+            spilled.append(part[spill])
+            if wide >= WIDEST:
+                for row in np.flatnonzero(spill):
+                    dists[part[row]], idxs[part[row]] = ties_in_index_order(queries[part[row]], db, d[row, :k],
+                                                                            i[row, :k])
+        rows = np.concatenate(spilled) if wide < WIDEST else rows[:0]
+        wide = min(n, 4 * wide, max(WIDEST, 2 * k))
+    return dists, idxs
 
 
 def ties_in_index_order(query, db, dist, idx, rows=1 << 20):

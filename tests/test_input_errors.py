@@ -10,7 +10,8 @@ import tifffile
 from PIL import Image
 
 from conftest import REPO, load_script
-from utils.data import SceneDataset, read_rgb, remove_unreadable, unreadable
+from utils.data import SceneDataset, read_rgb, remove_unreadable
+from utils.image_files import unreadable
 from utils.multiband import band_statistics, read_multiband
 from utils.errors import UserError
 

@@ -9,7 +9,7 @@ from torchvision import transforms
 
 from .errors import UserError
 from .image_check import check_images
-from .image_files import broken_image, is_tiff, multiband_as_rgb_error, unreadable  # noqa: F401 - unreadable: re-exported
+from .image_files import broken_image, is_tiff, multiband_as_rgb_error
 from .multiband import read_multiband
 from .split_lists import classes_of, read_split_file
 
@@ -103,16 +103,20 @@ def _too_deep_error(folder, inner, ext, holds_ext):
 
 def read_rgb(path):
     """An image file as an 8-bit RGB Pillow image. A multi-band TIFF is refused: Pillow would read
-    its first page (or fail), and training on that page would look like any other run."""
-    multiband = multiband_as_rgb_error(path) if is_tiff(path) else None
-    if multiband is not None:
-        raise multiband
+    its first page, or fail on more than 4 samples per pixel, and training on one page would look
+    like any other run. (tifffile's look at the header is left to TIFFs of several pages and to
+    failures: for every read it would cost a quarter of the time of reading a UC Merced image.)"""
     try:
         with Image.open(path) as img:
+            if img.format == "TIFF" and getattr(img, "n_frames", 1) > 1:
+                multiband = multiband_as_rgb_error(path)
+                if multiband is not None:
+                    raise multiband
             img.load()
             return to_rgb8(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise broken_image(path, err) from None
+        multiband = multiband_as_rgb_error(path) if is_tiff(path) else None
+        raise (multiband or broken_image(path, err)) from None
 
 
 def to_rgb8(img):

@@ -2,8 +2,9 @@
 file of the wrong kind stops the run before anything is trained or written, with all such files
 listed at once (or, with --skip-bad-images, left out).
 
-What is read: a TIFF's header first (a multi-band TIFF read as RGB is refused, utils/image_files.py),
-then the pixel data, which is what finds a file cut short (a header alone looks fine). JPEGs are
+What is read: the pixel data, which is what finds a file cut short (a header alone looks fine),
+and for a TIFF of several pages or one Pillow cannot read, tifffile's reading of its header (a
+multi-band TIFF read as RGB is refused, utils/image_files.py). JPEGs are
 decoded at 1/8 scale (Pillow's draft mode): the whole compressed stream is still read, in a
 fraction of the time. Multi-band files are read as training reads them. Files are checked on
 a few threads (decoding releases the GIL); docs/benchmarks.md gives the time for 30,000 images.
@@ -23,18 +24,20 @@ SHOWN = 5  # unreadable files named in one message; the rest are counted
 
 
 def check_rgb(path):
-    """Raise the UserError that reading `path` as RGB for training would raise, if any."""
-    if is_tiff(path):
-        multiband = multiband_as_rgb_error(path)
-        if multiband is not None:
-            raise multiband
+    """Raise the UserError that reading `path` as RGB for training would raise, if any (the
+    same tests as utils.data.read_rgb, which Pillow's draft mode makes cheaper for JPEGs)."""
     try:
         with Image.open(path) as img:
+            if img.format == "TIFF" and getattr(img, "n_frames", 1) > 1:
+                multiband = multiband_as_rgb_error(path)
+                if multiband is not None:
+                    raise multiband
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise broken_image(path, err) from None
+        multiband = multiband_as_rgb_error(path) if is_tiff(path) else None
+        raise (multiband or broken_image(path, err)) from None
 
 
 def find_unreadable(paths, bands=3, threads=None):

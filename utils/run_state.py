@@ -56,6 +56,12 @@ class RunFolder:
             return None, f"cannot write to the run folder {path} ({err.strerror}); pass a writable --out", False
         return path, None, created
 
+    def announce(self):
+        print(f"run folder:   {self.path}\n"
+              f"  tensorboard: tensorboard --logdir {self.tensorboard}\n"
+              f"  checkpoints: {self.last}, {self.best}\n"
+              f"  results:     {self.results}")
+
     def discard_if_unused(self):
         """Remove the folder this run created when the run failed before its first checkpoint:
         only what the trainer writes first (args.json, tensorboard/), and the folder if that

@@ -6,7 +6,6 @@
 The trainer knows nothing of memories or key encoders: a method owns its state.
 """
 import os
-import signal
 import time
 from contextlib import nullcontext
 
@@ -23,13 +22,7 @@ from .models import network_for
 from .run_state import (RunFolder, check_variant, device_kind, plain_args, restore, resume_args, resume_command,
                         run_config, training_state, write_json_atomic)
 from .splits import Splits
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-class StopRequested(Exception):
-    pass
+from .stop_signals import StopRequested, StopSignals, all_ranks_finite
 
 
 class Trainer:
@@ -70,7 +63,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.epoch_sums = 0, 0, {}
         self.best = {"score": float("-inf"), "epoch": -1, "metrics": None}
         self.train_seconds = 0.0  # training time of all epochs so far, resumed parts included (the run's cost)
-        self.stop_signal = None
+        self.stop = StopSignals()
         self.run = RunFolder(args, method_cls.name)
         if resume is not None:
             restore(self, resume, args.resume)
@@ -119,7 +112,7 @@ class Trainer:
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs} train", disable=not dist.is_main())
         for batch in bar:
             terms, n = self.train_step(batch)
-            if not self._all_finite(terms["total"]):
+            if not all_ranks_finite(terms["total"], self.device):
                 kept = (f"the last good checkpoint is kept at {self.run.last}" if os.path.exists(self.run.last)
                         else "no checkpoint had been written yet")
                 raise UserError(f"the loss became {terms['total'].item()} at step {self.step_in_epoch} of epoch "
@@ -129,7 +122,7 @@ class Trainer:
             self.epoch_sums["n"] = self.epoch_sums.get("n", 0) + n
             self.step_in_epoch += 1
             bar.set_postfix(loss=f"{terms['total'].item():.3f}")
-            if self._stop_now():
+            if self.stop.agreed(self.device):
                 raise StopRequested
         # Means over all ranks' samples for the log.
         names = sorted(k for k in self.epoch_sums if k != "n")
@@ -141,21 +134,6 @@ class Trainer:
                 writer.add_scalar(f"train/loss_{k}", v.item(), epoch + 1)
             writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], epoch + 1)
 
-    def _all_finite(self, loss):
-        """Whether every rank's loss is finite (all ranks must stop together, or the others hang)."""
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
-        return dist.all_reduce_sum(bad).item() == 0
-
-    def _stop_now(self):
-        """Whether any rank was signalled; every rank then adopts that signal (the largest number)."""
-        if not dist.is_distributed():
-            return bool(self.stop_signal)
-        number = torch.tensor([int(signal.Signals[self.stop_signal]) if self.stop_signal else 0], device=self.device)
-        torch.distributed.all_reduce(number, op=torch.distributed.ReduceOp.MAX)
-        if number.item():
-            self.stop_signal = signal.Signals(int(number.item())).name
-        return bool(number.item())
-
     # -- the whole run
     def fit(self):
         args = self.args
@@ -164,11 +142,8 @@ class Trainer:
             from tensorboardX import SummaryWriter
             writer = SummaryWriter(self.run.tensorboard)
             write_json_atomic(os.path.join(self.run.path, "args.json"), plain_args(args))
-            print(f"run folder:   {self.run.path}\n"
-                  f"  tensorboard: tensorboard --logdir {self.run.tensorboard}\n"
-                  f"  checkpoints: {self.run.last}, {self.run.best}\n"
-                  f"  results:     {self.run.results}")
-        handlers = self._install_signal_handlers()
+            self.run.announce()
+        self.stop.install()
         try:
             while self.epoch < args.epochs:
                 started = time.perf_counter()
@@ -185,7 +160,7 @@ class Trainer:
                 if self.epoch % args.eval_every == 0 or self.epoch == args.epochs:
                     improved = self.validate(writer, f"  (training {seconds:.1f} s)")
                 self.save(best=improved)
-                if self.epoch < args.epochs and self._stop_now():  # signalled during validation
+                if self.epoch < args.epochs and self.stop.agreed(self.device):  # signalled during validation
                     raise StopRequested
             if self.best["epoch"] < 0:
                 # Resumed with no more epochs to train before any evaluation: evaluate now.
@@ -194,9 +169,9 @@ class Trainer:
         except StopRequested:
             self.save()
             if dist.is_main():
-                print(f"stopped by {self.stop_signal} at step {self.step_in_epoch} of epoch {self.epoch + 1} "
-                      f"({self.epoch} finished); continue with: {resume_command(self.config['variant'], self.run.last)}")
-            return 128 + signal.Signals[self.stop_signal]
+                print(f"stopped by {self.stop.name} at step {self.step_in_epoch} of epoch {self.epoch + 1} ({self.epoch} "
+                      f"finished); continue with: {resume_command(self.config['variant'], self.run.last)}")
+            return self.stop.exit_status()
         except BaseException:
             if writer is not None:
                 writer.close()
@@ -204,7 +179,7 @@ class Trainer:
             self.run.discard_if_unused()  # a run that failed before its first checkpoint leaves no folder
             raise
         finally:
-            self._restore_signal_handlers(handlers)
+            self.stop.restore()
             if writer is not None:
                 writer.close()  # also on errors: the events so far are kept
         if dist.is_main():
@@ -253,21 +228,6 @@ class Trainer:
                 "best_epoch": best_info["epoch"], "val": best_info["metrics"], "test": test,
                 "args": plain_args(self.args), "train_seconds": self.train_seconds,
                 "device": device_kind(device), "world_size": dist.world_size()}
-
-    def _install_signal_handlers(self):
-        """SIGINT (Ctrl-C), SIGTERM (preemption, `timeout`, torchrun passing one on) and SIGUSR1
-        (Slurm's warning before the time limit) stop the run at the end of the current step,
-        on every rank at the same step, with a checkpoint; the exit status is 128 + the signal.
-        Loader workers ignore them (splits.ignore_stop_signals), so a signal to the whole
-        process group does not kill them under the running step."""
-        def handler(signum, frame):
-            self.stop_signal = signal.Signals(signum).name  # a second signal changes nothing
-        return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-
-    @staticmethod
-    def _restore_signal_handlers(handlers):
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 def run(method_cls, description, argv=None, script=None, add_flags=None, train=None):

@@ -158,7 +158,8 @@ class SceneDataset(Dataset):
             lists = read_split_file(split_file, folder)
             self.classes = classes_of(lists)
             label = {name: i for i, name in enumerate(self.classes)}
-            self.samples = [(os.path.join(folder, *rel.split("/")), label[rel.split("/", 1)[0]]) for rel in lists[split]]
+            self.samples = [(os.path.join(folder, *rel.split("/")), label[rel.split("/", 1)[0]])
+                            for rel in lists[split]]
             self.labels = torch.tensor([y for _, y in self.samples], dtype=torch.long)
             return
         self.classes = list_classes(folder)

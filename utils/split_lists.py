@@ -31,7 +31,8 @@ def read_split_file(path, folder):
             lists = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"split file {path} is not readable JSON ({err}); expected "
-                        '{"train": [...], "val": [...], "test": [...]} of paths relative to the dataset folder') from None
+                        '{"train": [...], "val": [...], "test": [...]} of paths relative to the dataset '
+                        "folder") from None
     if not isinstance(lists, dict) or set(lists) != set(SPLITS) or not all(
             isinstance(v, list) and all(isinstance(p, str) for p in v) for v in lists.values()):
         found = sorted(lists) if isinstance(lists, dict) else type(lists).__name__

@@ -169,8 +169,9 @@ class Trainer:
         except StopRequested:
             self.save()
             if dist.is_main():
-                print(f"stopped by {self.stop.name} at step {self.step_in_epoch} of epoch {self.epoch + 1} ({self.epoch} "
-                      f"finished); continue with: {resume_command(self.config['variant'], self.run.last)}")
+                print(f"stopped by {self.stop.name} at step {self.step_in_epoch} of epoch {self.epoch + 1} "
+                      f"({self.epoch} finished); continue with: "
+                      f"{resume_command(self.config['variant'], self.run.last)}")
             return self.stop.exit_status()
         except BaseException:
             if writer is not None:

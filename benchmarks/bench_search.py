@@ -72,7 +72,7 @@ def bench(n, bits, args, rows, tmp):
     db, queries = random_codes(n, nb, n + bits), random_codes(args.queries, nb, 7)
     k, cut = args.k, args.today_queries
 
-    if n <= args.today_max:  # today: float +-1 codes, matmul and a full stable sort per query
+    if n <= args.today_max and not args.engines_only:  # today: float +-1 codes, matmul and a full sort
         base = rss_mb()
         build, db_f = timed(lambda: torch.from_numpy(np.unpackbits(db, axis=1).astype(np.float32) * 2 - 1))
         q_f = torch.from_numpy(np.unpackbits(queries, axis=1).astype(np.float32) * 2 - 1)
@@ -90,6 +90,12 @@ def bench(n, bits, args, rows, tmp):
     else:
         today_d = None
 
+    flat_d, t_flat = raw_faiss(db, queries, bits, k, rows, n, tmp) if not args.engines_only else (None, None)
+    bench_binary_index(db, queries, bits, k, rows, n, tmp, args, today_d, today_i if today_d is not None else None,
+                       flat_d, t_flat)
+
+
+def raw_faiss(db, queries, bits, k, rows, n, tmp):
     base = rss_mb()
     flat = faiss.IndexBinaryFlat(bits)
     build, _ = timed(lambda: flat.add(db))
@@ -101,8 +107,11 @@ def bench(n, bits, args, rows, tmp):
     size = os.path.getsize(path) / 2**20
     os.remove(path)
     row(rows, "faiss IndexBinaryFlat", n, bits, build, one, 1e3 * t_flat / len(queries), size, mem)
-    flat = None
-    gc.collect()
+    return flat_d, t_flat
+
+
+def bench_binary_index(db, queries, bits, k, rows, n, tmp, args, today_d, today_i, flat_d, t_flat):
+    cut = args.today_queries
 
     base = rss_mb()
     index = BinaryIndex(bits)
@@ -113,15 +122,22 @@ def bench(n, bits, args, rows, tmp):
     path = os.path.join(tmp, "exact.bidx")
     index.save(path)
     size = os.path.getsize(path) / 2**20
-    agree = np.array_equal(exact_d, flat_d)
+    agree = flat_d is None or np.array_equal(exact_d, flat_d)
     if today_d is not None:
         agree = agree and np.array_equal(exact_d[:cut], today_d.numpy()) and np.array_equal(exact_i[:cut],
                                                                                           today_i.numpy())
     row(rows, "BinaryIndex exact", n, bits, build, one, 1e3 * t_exact / len(queries), size, mem,
-        note=f"same results as {'today and ' if today_d is not None else ''}faiss: {agree}; "
-             f"{t_flat / t_exact:.2f}x faiss's batch speed")
+        note="" if flat_d is None else f"same results as {'today and ' if today_d is not None else ''}faiss: "
+                                       f"{agree}; {t_flat / t_exact:.2f}x faiss's batch speed")
     index = None
     gc.collect()
+    if not args.engines_only:
+        bench_loaded(path, queries, k, rows, n, bits, size)
+    os.remove(path)
+    bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_i, t_exact)
+
+
+def bench_loaded(path, queries, k, rows, n, bits, size):
     base = rss_mb()
     load, loaded = timed(lambda: BinaryIndex.load(path))
     mem_load = rss_mb() - base
@@ -129,9 +145,9 @@ def bench(n, bits, args, rows, tmp):
     row(rows, "BinaryIndex exact, loaded (mmap)", n, bits, load, one_query_ms(lambda q: loaded.search_packed(q, k),
         queries), 1e3 * t_loaded / len(queries), size, rss_mb() - base,
         note=f"{mem_load:.0f} MB resident after load, before the search")
-    loaded = None
-    os.remove(path)
-    gc.collect()
+
+
+def bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_i, t_exact):
 
     engines = [("ivf", {}), ("ivf", {"nprobe": 64}), ("mih", {})]
     if n <= args.hnsw_max:
@@ -196,6 +212,8 @@ def main():
     p.add_argument("--today-max", type=int, default=10**6, help="largest database for today's search")
     p.add_argument("--today-queries", type=int, default=100, help="queries of the batch for today's search")
     p.add_argument("--hnsw-max", type=int, default=10**6, help="largest database for HNSW (slow to build)")
+    p.add_argument("--engines-only", action="store_true",
+                   help="only BinaryIndex: exact (the reference of recall) and the approximate engines")
     p.add_argument("--choose-engine", action="store_true",
                    help="only time the candidate exact scans (first --sizes, first --bits, 100 queries)")
     args = p.parse_args()

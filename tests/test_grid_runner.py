@@ -77,13 +77,13 @@ def test_two_at_once_never_more(tmp_path, capsys):
 
 
 def test_one_cell_per_place_on_each_gpu(tmp_path, monkeypatch):
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")  # e.g. a Slurm allocation: --gpus 0 1 are GPUs 4 and 7
     jobs, shared = cells(tmp_path, 6, wave=4)
     failures, _ = run_jobs(jobs, gpus=[0, 1], per_gpu=2)
     assert failures == []
     seen = records(shared, 6)
     assert most_at_once(seen) == 4 and max(r["on_my_gpu"] for r in seen) <= 2
-    assert Counter(r["gpu"] for r in seen[:4]) == {"0": 2, "1": 2}  # the first four: two on each GPU
+    assert Counter(r["gpu"] for r in seen[:4]) == {"4": 2, "7": 2}  # the first four: two on each GPU
     for job, rec in zip(jobs, seen):
         log = open(job.log).read()  # the GPU at the top of the cell's log
         assert log.startswith(f"$ CUDA_VISIBLE_DEVICES={rec['gpu']} ") and f"\n# on GPU {rec['gpu']} " in log
@@ -155,10 +155,18 @@ def test_a_stop_signal_reaches_the_running_cells_and_starts_nothing_new(tmp_path
     (dict(gpus=[0, 0]), "--per-gpu K"),
     (dict(gpus=["0,1"]), "one by one"),
     (dict(gpus=[0, 1], jobs_at_once=2), "drop --jobs"),
+    (dict(gpus=[0, 2]), r"--gpus 2: this process sees 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES='4,7'\); .* 0 to 1"),
 ])
-def test_bad_options_are_one_line_errors(kwargs, words):
+def test_bad_options_are_one_line_errors(kwargs, words, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")
     with pytest.raises(UserError, match=words):
         check_options(**kwargs)
+    check_options(gpus=["1"])  # by position among the visible ones
+    with pytest.raises(UserError, match="--gpus 7: .* 0 to 1"):
+        check_options(gpus=["7"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(UserError, match="sees no GPU"):  # a child would run on the CPU
+        check_options(gpus=[0])
 
 
 def test_the_epoch_and_the_tail_come_from_the_log(tmp_path):

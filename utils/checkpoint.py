@@ -19,14 +19,13 @@ FORMAT = "cdne-checkpoint"
 CONFIG_KEYS = ("variant", "arch", "dim", "num_classes", "in_channels", "num_samples", "classes")
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`:
-    a crash or a full disk mid-save leaves the previous file intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+def write_atomically(path, write, suffix="", binary=True):
+    """write(fh) into a temporary file in the same folder, fsync, then rename over `path`:
+    a crash or a full disk mid-write leaves the previous file (or none), never half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -34,6 +33,11 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save, written atomically (write_atomically)."""
+    write_atomically(path, lambda fh: torch.save(obj, fh), suffix=".pth")
 
 
 def safe_load(path, what="checkpoint"):

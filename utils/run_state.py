@@ -6,7 +6,6 @@ import json
 import os
 import shlex
 import shutil
-import tempfile
 import time
 
 import torch
@@ -123,19 +122,9 @@ def run_config(args, method_name, splits):
 
 
 def write_json_atomic(path, obj):
-    """JSON to a temporary file in the same folder, then renamed over `path`: a kill mid-write
-    leaves the previous file (or none), never half a file that the table cannot read."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """JSON written atomically: a kill mid-write leaves the previous file (or none), never half
+    a file that the table cannot read."""
+    ckpt_io.write_atomically(path, lambda fh: json.dump(obj, fh, indent=2), suffix=".json", binary=False)
 
 
 def device_kind(device):

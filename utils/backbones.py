@@ -7,6 +7,7 @@ img_size=...)` returns the pooled features that FC1 reads, `num_features` wide.
 """
 import contextlib
 import difflib
+import functools
 import logging
 import os
 
@@ -27,6 +28,7 @@ TIMM_URLS = {}
 HF_HUB = "https://huggingface.co"
 
 
+@functools.lru_cache(maxsize=None)
 def check_model_name(name):
     """A UserError unless `name` is resnet18, resnet50 or a model name (with or without a tag) of timm."""
     if name in TORCHVISION_NAMES:

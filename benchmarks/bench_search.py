@@ -152,6 +152,7 @@ def bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_i, t_exact):
     engines = [("ivf", {}), ("ivf", {"nprobe": 64}), ("mih", {})]
     if n <= args.hnsw_max:
         engines.insert(2, ("hnsw", {}))
+    engines = [(name, params) for name, params in engines if name in args.engines]
     approx = None
     for engine, params in engines:
         base = rss_mb()
@@ -212,6 +213,7 @@ def main():
     p.add_argument("--today-max", type=int, default=10**6, help="largest database for today's search")
     p.add_argument("--today-queries", type=int, default=100, help="queries of the batch for today's search")
     p.add_argument("--hnsw-max", type=int, default=10**6, help="largest database for HNSW (slow to build)")
+    p.add_argument("--engines", nargs="+", default=["ivf", "hnsw", "mih"], help="approximate engines to run")
     p.add_argument("--engines-only", action="store_true",
                    help="only BinaryIndex: exact (the reference of recall) and the approximate engines")
     p.add_argument("--choose-engine", action="store_true",

@@ -15,6 +15,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections import namedtuple
 
@@ -126,6 +127,8 @@ class _Grid:
         from tqdm import tqdm
 
         self.tqdm = tqdm
+        # Into a file (a Slurm log, nohup) a redraw every second would add a line a second: once a minute there.
+        refresh = refresh if sys.stderr.isatty() else max(refresh, 60.0)
         self.pending, self.free, self.cwd, self.on_finish, self.refresh = list(jobs), free, cwd, on_finish, refresh
         self.running, self.failures, self.done, self.stopped = [], [], 0, 0
         self.stop, self.asked_again = None, False

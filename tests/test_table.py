@@ -301,6 +301,7 @@ def test_bad_input_from_the_command_line():
 def test_a_json_file_is_replaced_whole_or_not_at_all(tmp_path):
     path = str(tmp_path / "results.json")
     write_json_atomic(path, {"a": 1})
+    assert os.stat(path).st_mode & 0o044 == 0o044 & ~current_umask()  # readable as a plain open() would make it
     with pytest.raises(TypeError):
         write_json_atomic(path, {"a": object()})  # fails half-way through the dump
     assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["results.json"]
@@ -405,3 +406,9 @@ def test_real_runs_finish_are_skipped_then_trained_on_with_more_epochs(tiny_root
     table_cells.current_split_sha256.cache_clear()
     found = table_cells.assess(cell, out, copy, extra)
     assert found.state == "stale" and "the split now (the 70/10/20 split of " in found.reason
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

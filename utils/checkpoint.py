@@ -28,6 +28,9 @@ def write_atomically(path, write, suffix="", binary=True):
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the rest of a group
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -350,3 +350,17 @@ def test_cells_started_at_once_make_the_digits_folder_once_and_whole(tmp_path):
     assert errors == [] and os.listdir(tmp_path) == ["digits"]
     assert sorted(Counter(os.path.basename(os.path.dirname(p)) for p in glob.glob(str(tmp_path / "digits/*/*.png"))
                           ).values()) == [12] * 10
+
+
+def test_cells_at_once_without_a_thread_count_are_warned_about(monkeypatch, capsys):
+    from utils.grid_runner import warn_oversubscribed
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    warn_oversubscribed(2, None, cores=4)
+    assert "OMP_NUM_THREADS=2" in capsys.readouterr().err
+    for args in ((1, None), (2, [0, 1])):  # one at a time, or one per GPU: nothing to say
+        warn_oversubscribed(*args, cores=4)
+        assert capsys.readouterr().err == ""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    warn_oversubscribed(2, None, cores=4)
+    assert capsys.readouterr().err == ""

@@ -241,6 +241,17 @@ def _start(job, place, cwd):
                                 env=env, start_new_session=True)
 
 
+def warn_oversubscribed(jobs_at_once, gpus, cores=None):
+    """Say so when cells at once would each start torch's default of one thread per core: measured on
+    2 cores (docs/benchmarks.md section 6), two such cells at once took 3.5x as long as one at a time."""
+    cores = cores or os.cpu_count() or 1
+    if gpus is None and jobs_at_once > 1 and "OMP_NUM_THREADS" not in os.environ and cores > 1:
+        print(f"warning: {jobs_at_once} cells at once, each with torch's default of {cores} threads, share "
+              f"{cores} cores and slow each other down; on a CPU set OMP_NUM_THREADS={max(1, cores // jobs_at_once)} "
+              "for the table (a run's thread count can change its numbers: compare runs made with the same one)",
+              file=sys.stderr)
+
+
 def run_jobs(jobs, jobs_at_once=1, gpus=None, per_gpu=1, cwd=REPO, on_finish=None, refresh=1.0):
     """Run the jobs, up to jobs_at_once at a time, or per_gpu on each of gpus (CUDA_VISIBLE_DEVICES).
 
@@ -251,6 +262,7 @@ def run_jobs(jobs, jobs_at_once=1, gpus=None, per_gpu=1, cwd=REPO, on_finish=Non
     A job that exits 128 + the signal passed on is stopped, not failed.
     """
     check_options(jobs_at_once, gpus, per_gpu)
+    warn_oversubscribed(jobs_at_once, gpus)
     grid = _Grid(jobs, places(jobs_at_once, gpus, per_gpu), cwd, on_finish, refresh)
     try:
         previous = {s: signal.signal(s, grid.on_signal) for s in STOP_SIGNALS}

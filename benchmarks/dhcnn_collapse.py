@@ -5,7 +5,7 @@
 Part 1, at initialisation (the run's seed, first training batch, random-init ResNet-18 at
 32x32, -b 64): the scale of the trunk feature x and of u = FC1(x), of theta_ij = u_i . u_j / 2,
 how many pairs sit where softplus saturates (|theta| > 5), and the gradient each term of the
-loss sends to u and to FC1's weight; FC1/FC2 drawn as SPEC section 2 says (kaiming_normal_)
+loss sends to u and to FC1's weight; FC1/FC2 drawn as docs/method.md section 2 says (kaiming_normal_)
 and with nn.Linear's default init (what the authors' hashing layer uses).
 Part 2, the first epoch at each --lr: per step |u|, mean |theta_ij|, the fraction of distinct
 codes in the batch, bit balance (mean over bits of |mean over the batch of b|: 0 balanced, 1

@@ -53,7 +53,7 @@ def test_dpsh_defaults():
 
 
 def dpsh_reference(u, idx, U_before, train_labels, eta):
-    """SPEC section 11 read loop by loop: the batch's detached u written into U first, then
+    """docs/method.md section 8 read loop by loop: the batch's detached u written into U first, then
     theta_ij = u_i . U_j / 2 over (i in batch, j in train set) with U a constant."""
     U = U_before.clone()
     for i in range(len(idx)):

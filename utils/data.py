@@ -9,7 +9,7 @@ from torchvision import transforms
 
 from .errors import UserError
 from .image_check import check_images
-from .image_files import broken_image, is_tiff, multiband_as_rgb_error
+from .image_files import refuse_multiband, rgb_read_failure
 from .multiband import read_multiband
 from .split_lists import classes_of, read_split_file
 
@@ -108,15 +108,11 @@ def read_rgb(path):
     failures: for every read it would cost a quarter of the time of reading a UC Merced image.)"""
     try:
         with Image.open(path) as img:
-            if img.format == "TIFF" and getattr(img, "n_frames", 1) > 1:
-                multiband = multiband_as_rgb_error(path)
-                if multiband is not None:
-                    raise multiband
+            refuse_multiband(img, path)
             img.load()
             return to_rgb8(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        multiband = multiband_as_rgb_error(path) if is_tiff(path) else None
-        raise (multiband or broken_image(path, err)) from None
+        raise rgb_read_failure(path, err) from None
 
 
 def to_rgb8(img):

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import UserError
-from .image_files import broken_image, is_tiff, multiband_as_rgb_error
+from .image_files import refuse_multiband, rgb_read_failure
 from .multiband import read_multiband
 
 SHOWN = 5  # unreadable files named in one message; the rest are counted
@@ -28,16 +28,12 @@ def check_rgb(path):
     same tests as utils.data.read_rgb, which Pillow's draft mode makes cheaper for JPEGs)."""
     try:
         with Image.open(path) as img:
-            if img.format == "TIFF" and getattr(img, "n_frames", 1) > 1:
-                multiband = multiband_as_rgb_error(path)
-                if multiband is not None:
-                    raise multiband
+            refuse_multiband(img, path)
             if img.format == "JPEG":
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        multiband = multiband_as_rgb_error(path) if is_tiff(path) else None
-        raise (multiband or broken_image(path, err)) from None
+        raise rgb_read_failure(path, err) from None
 
 
 def find_unreadable(paths, bands=3, threads=None):

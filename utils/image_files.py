@@ -52,6 +52,21 @@ def multiband_as_rgb_error(path):
                       f"pass --bands {bands} to read multi-band TIFFs", broken=False)
 
 
+def refuse_multiband(img, path):
+    """Raise multiband_as_rgb_error(path) when the open Pillow image `img` is a TIFF of several
+    pages that holds bands rather than an RGB image (one page of an RGB TIFF passes cheaply)."""
+    if img.format == "TIFF" and getattr(img, "n_frames", 1) > 1:
+        multiband = multiband_as_rgb_error(path)
+        if multiband is not None:
+            raise multiband
+
+
+def rgb_read_failure(path, err):
+    """The UserError for Pillow failing on `path`: a multi-band TIFF's message where it is one
+    (Pillow fails on more than 4 samples per pixel), else the broken-image one."""
+    return (multiband_as_rgb_error(path) if is_tiff(path) else None) or broken_image(path, err)
+
+
 def unreadable(problem, fix="", broken=True):
     """The UserError for an image that cannot be read as asked: `problem` names the file and what is
     wrong, `fix` what to do; `broken` tells a damaged file (which --skip-bad-images may leave out)

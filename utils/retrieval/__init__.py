@@ -9,4 +9,4 @@
                  outputs.py: output paths checked before any work)
 
 utils/retrieve.py and utils/search.py are the names this code had before; they stay importable
-(SPEC section 13) and only re-export it."""
+(docs/method.md section 6) and only re-export it."""

@@ -111,7 +111,7 @@ def ties_in_index_order(query, db, dist, idx, rows=1 << 20):
 
 
 class BinaryIndex:
-    """Packed binary codes and their search (SPEC section 13).
+    """Packed binary codes and their search (docs/method.md section 6).
 
     BinaryIndex(bits, engine="exact" | "ivf" | "hnsw", **params): `add(codes)` in pieces,
     `search(codes, k) -> (distances, indices)` as (q, k) int64 arrays, `len`, `save(path)`, and

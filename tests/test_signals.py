@@ -2,10 +2,12 @@
 with loader workers, with both pipelines, single-process and under torchrun (utils.launch);
 and README's Slurm batch script, run by a stand-in for sbatch with the Slurm variables set."""
 import os
+import re
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -40,17 +42,31 @@ def wait_for(path, proc, seconds=300):
     assert os.path.exists(path), proc.communicate()[1][-3000:]
 
 
+# The training bar on stderr once epoch 2 has finished a step ("epoch 2/3 train:   4%|...| 1/27 ...").
+EPOCH_2_UNDER_WAY = re.compile(r"epoch 2/\d+ train:\s+\d+%\|[^|]*\|\s*[1-9]\d*/")
+
+
 def stop_mid_epoch(cmd, run_dir, sig, twice=False):
-    """Start a run, wait until epoch 2 is under way, signal the whole group; returns (status, out, err)."""
+    """Start a run, wait until epoch 2 has taken a step (read from its progress bar, so a fast
+    machine cannot run past the epoch first), signal the whole group; returns (status, out, err)."""
     proc = start(cmd)
+    chunks = {"out": [], "err": []}
+    readers = [threading.Thread(target=lambda s=stream, k=key: chunks[k].extend(iter(lambda: s.read(256), "")),
+                                daemon=True) for key, stream in (("out", proc.stdout), ("err", proc.stderr))]
+    for reader in readers:
+        reader.start()
     wait_for(os.path.join(run_dir, "checkpoint_last.pth"), proc)
-    time.sleep(1.5)
+    deadline = time.time() + 300
+    while not EPOCH_2_UNDER_WAY.search("".join(chunks["err"])) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
     os.killpg(proc.pid, sig)
     if twice:  # a second signal while the first is being handled (the save)
         time.sleep(0.05)
         os.killpg(proc.pid, sig)
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
+    proc.wait(timeout=300)
+    for reader in readers:
+        reader.join(timeout=60)
+    return proc.returncode, "".join(chunks["out"]), "".join(chunks["err"])
 
 
 @pytest.mark.parametrize("sig,pipeline,workers", [

@@ -192,7 +192,7 @@ def test_atomic_save_keeps_the_previous_file_on_failure(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"No space left on device, \d+ MiB free there\); the previous file is kept"):
         ckpt_io.atomic_save({"epoch": 2, "w": torch.zeros(4)}, str(path))
     monkeypatch.setattr(torch, "save", real_save)
     kept = torch.load(path, weights_only=True)
@@ -257,3 +257,22 @@ def test_a_run_folder_with_a_checkpoint_is_never_overwritten(mb, tiny, tmp_path,
     before = last.read_bytes()
     assert_one_line_error(*run_inproc(mb, argv, capsys), "already holds a checkpoint", "--resume")
     assert last.read_bytes() == before
+
+
+def test_the_best_checkpoint_is_the_last_one_without_a_second_copy(tmp_path, monkeypatch):
+    last, best = tmp_path / "checkpoint_last.pth", tmp_path / "checkpoint_best.pth"
+    ckpt_io.atomic_save({"epoch": 1}, str(last))
+    ckpt_io.atomic_duplicate(str(last), str(best))
+    assert os.stat(last).st_ino == os.stat(best).st_ino  # one file on disk, two names
+    ckpt_io.atomic_save({"epoch": 2}, str(last))  # replaced by rename: the best one keeps epoch 1
+    assert torch.load(best, weights_only=True)["epoch"] == 1
+    assert torch.load(last, weights_only=True)["epoch"] == 2
+
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)  # a filesystem without hard links gets a copy
+    ckpt_io.atomic_duplicate(str(last), str(best))
+    assert os.stat(last).st_ino != os.stat(best).st_ino
+    assert torch.load(best, weights_only=True)["epoch"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_best.pth", "checkpoint_last.pth"]

@@ -7,6 +7,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -32,15 +33,50 @@ def write_atomically(path, write, suffix="", binary=True):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the rest of a group
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError):  # a full disk, a quota, a folder gone: the user's to fix, in one line
+            raise UserError(write_failure(path, err)) from None
         raise
+
+
+def write_failure(path, err):
+    """One line on a failed write: what, why, how much room is left, and that the old file stayed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        room = f", {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
+    except OSError:
+        room = ""
+    kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
+    return (f"cannot write {path} ({err.strerror or err}{room}); {kept}; free some space and try again "
+            "(a training run goes on from its last checkpoint with --resume auto)")
 
 
 def atomic_save(obj, path):
     """torch.save, written atomically (write_atomically)."""
     write_atomically(path, lambda fh: torch.save(obj, fh), suffix=".pth")
+
+
+def atomic_duplicate(src, dst):
+    """Make `dst` hold what `src` holds, atomically: a hard link where the filesystem has them
+    (the best checkpoint is usually the last one, and a ResNet-50 checkpoint is 130 MB), else
+    a copy. Safe because checkpoints are only ever replaced by rename, never written in place."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".tmp-link-{os.getpid()}-{os.path.basename(dst)}")
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (some network filesystems): copy instead
+            with open(src, "rb") as source:
+                write_atomically(dst, lambda fh: shutil.copyfileobj(source, fh), suffix=".pth")
+            return
+        os.replace(tmp, dst)
+    except OSError as err:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise UserError(write_failure(dst, err)) from None
 
 
 def safe_load(path, what="checkpoint"):

@@ -80,7 +80,7 @@ class RunFolder:
         if dist.is_main():
             ckpt_io.atomic_save(state, self.last)
             if best:
-                ckpt_io.atomic_save(state, self.best)
+                ckpt_io.atomic_duplicate(self.last, self.best)
 
 
 # The script that trains each method (utils.trainer.run's `script`), for messages that say how to go on.

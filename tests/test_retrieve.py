@@ -331,8 +331,16 @@ def test_query_ranks_as_hamming_topk(trained, split_index, tmp_path, capsys):
                           "--engine", "ivf", "--nlist", "4", "--nprobe", "4")
     assert code == 0
     assert [q["results"] for q in json.loads(again)["queries"]] == [q["results"] for q in json.loads(out)["queries"]]
+    assert json.loads(again)["engine_params"] == {"nlist": 4, "nprobe": 4, "niter": 10}
+    # The structure was kept in the index folder: the next query loads it and answers alike.
+    code, third, err = call(capsys, "query", "--index", split_index, *images, "--topk", "12", "--json", "-",
+                            "--engine", "ivf", "--nlist", "4", "--nprobe", "4")
+    assert code == 0 and f"loaded the ivf structure kept in {split_index}/engine-ivf.faiss" in err
+    assert json.loads(third)["queries"] == json.loads(again)["queries"]
     code, _, err = call(capsys, "query", "--index", split_index, images[0], "--efSearch", "4")
     assert_user_error(code, err, "--efSearch is a parameter of --engine hnsw, not of --engine exact")
+    code, _, err = call(capsys, "query", "--index", split_index, images[0], "--rebuild-engine")
+    assert_user_error(code, err, "--rebuild-engine is for an approximate --engine")
 
 
 def test_append_and_unwritable_outputs(trained, split_index, tmp_path, capsys):

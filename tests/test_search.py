@@ -1,6 +1,7 @@
 """BinaryIndex against a brute-force stable sort (random codes, many ties, an engine that breaks
 ties the other way), its file (memory-mapped), the approximate engines, and index folders
 (written in parts, appended, an interrupted append, the old single-file format)."""
+import json
 import os
 
 import numpy as np
@@ -213,3 +214,55 @@ def test_old_single_file_indexes_still_open(tmp_path):
     (tmp_path / "new.index" / "header.json").write_text('{"format": "cdne-index", "version": 9}')
     with pytest.raises(UserError, match="rebuild it with `python -m utils.retrieve index"):
         load_index(str(tmp_path / "new.index"))
+
+
+@pytest.mark.parametrize("engine, build", [("ivf", {"nlist": 8, "niter": None}), ("hnsw", {"M": 8})])
+def test_an_index_folder_keeps_the_engine_structure(engine, build, tmp_path, monkeypatch):
+    from utils.retrieval import engine_store
+
+    rng = np.random.default_rng(5)
+    centres = rng.choice([-1, 1], (10, 64))
+    packed = search_mod.pack_codes(clustered_codes(rng, 2_000, centres), 64)
+    queries = packed[[3, 1_200, 1_999]]
+    head = {"weights_sha256": "ab" * 32}
+    said = []
+
+    def attached(rows, asked=build, folder=tmp_path, head=head, **kw):
+        said.clear()
+        search = BinaryIndex.from_packed(64, packed[:rows], engine, **{k: v for k, v in asked.items() if v})
+        engine_store.attach(search, str(folder), head, asked, say=said.append, **kw)
+        return search
+
+    first = attached(1_500)
+    assert said[0].startswith(f"built the {engine} structure over 1500 codes") and "kept it in" in said[1]
+    record = json.loads((tmp_path / f"engine-{engine}.json").read_text())
+    assert record["count"] == 1_500 and record["bytes"] == os.path.getsize(tmp_path / f"engine-{engine}.faiss")
+    answer = first.search_packed(queries[:2], 20)
+    # The next query with these build flags loads it (a search flag may differ) and answers alike.
+    again = attached(1_500, {**build, "nprobe": 8} if engine == "ivf" else {**build, "efSearch": 200})
+    assert said == [s for s in said if s.startswith(f"loaded the {engine} structure kept in")] and len(said) == 1
+    if engine == "ivf":
+        again.approx.params["nprobe"] = first.params["nprobe"]
+    else:
+        again.approx.params["efSearch"] = first.params["efSearch"]
+    for got, want in zip(again.search_packed(queries[:2], 20), answer):
+        np.testing.assert_array_equal(got, want)
+    # Codes appended to the folder since are added to the kept structure, which is kept again.
+    grown = attached(2_000)
+    assert "added the 500 appended since" in said[0] and "kept it in" in said[1]
+    assert json.loads((tmp_path / f"engine-{engine}.json").read_text())["count"] == 2_000
+    dist, idx = grown.search_packed(queries[2:], 5)
+    assert idx[0, 0] == 1_999 and dist[0, 0] == 0
+    # Other build flags, other weights, --rebuild-engine or a damaged file: built again.
+    other = {**build, "nlist": 4} if engine == "ivf" else {**build, "M": 12}
+    for case in (dict(asked=other), dict(head={"weights_sha256": "cd" * 32}), dict(rebuild=True)):
+        attached(2_000, **case)
+        assert said[0].startswith(f"built the {engine} structure"), case
+    (tmp_path / f"engine-{engine}.faiss").write_bytes(b"half")
+    attached(2_000)
+    assert said[0].startswith(f"built the {engine} structure")
+    # A folder that cannot be written to: the query goes on, with a warning.
+    monkeypatch.setattr(engine_store, "write_atomically", lambda *a, **k: (_ for _ in ()).throw(
+        UserError("cannot write x (Read-only file system)")))
+    searched = attached(2_000, rebuild=True)
+    assert said[-1].startswith(f"warning: the {engine} structure could not be kept") and len(searched) == 2_000

@@ -11,6 +11,7 @@ from ..flags import REPO_ROOT, image_extension, select_device
 from ..errors import UserError, exit_on_user_error
 from ..visualize import retrieval_grid
 from .build import write_index
+from .engine_store import attach, engine_params
 from .index_file import check_compatible, check_weights, load_index
 from .network import Loaded, encode_files
 from .outputs import check_index_out, check_writable
@@ -125,8 +126,14 @@ def engine_of(args, index):
         owner = next(name for name, flags in ENGINE_FLAGS.items() if wrong[0] in flags)
         raise UserError(f"--{wrong[0]} is a parameter of --engine {owner}, not of --engine {args.engine}")
     if args.engine == "exact":
+        if args.rebuild_engine:
+            raise UserError("--rebuild-engine is for an approximate --engine (ivf, hnsw); the exact engine "
+                            "builds nothing")
         return index.search
-    return BinaryIndex.from_packed(index.search.bits, index.search.codes, args.engine, **given)
+    search = BinaryIndex.from_packed(index.search.bits, index.search.codes, args.engine, **given)
+    if os.path.isdir(index.path):  # an index folder keeps the structure for the next query
+        attach(search, index.path, index.header, given, rebuild=args.rebuild_engine)
+    return search
 
 
 def cmd_query(args, device):
@@ -164,13 +171,13 @@ def cmd_query(args, device):
             results.append({"rank": len(results) + 1, "distance": int(d), "path": index.paths[j],
                             "label": result_label, "relevant": relevant})
         queries.append({"path": own, "label": label, "results": results[:args.topk]})
-    report_query(args, index, ckpt_path, queries, config)
+    report_query(args, index, ckpt_path, queries, config, search)
 
 
-def report_query(args, index, ckpt_path, queries, config):
+def report_query(args, index, ckpt_path, queries, config, search):
     # With --json - the ranking goes to stdout for programs, and the table to stderr for people.
     out = sys.stderr if args.json == "-" else sys.stdout
-    engine = "" if args.engine == "exact" else f", approximate engine {args.engine}"
+    engine = "" if args.engine == "exact" else f", approximate engine {args.engine} ({engine_params(search)})"
     print(f"index {os.path.abspath(args.index)}: {len(index)} database images, {index.config['dim']} bits, "
           f"checkpoint {os.path.abspath(ckpt_path)}{engine}", file=out)
     for q in queries:
@@ -181,7 +188,8 @@ def report_query(args, index, ckpt_path, queries, config):
             print(f"  {r['rank']:3d}  d={r['distance']:3d}  {r['path']}{cls}{mark}", file=out)
     if args.json:
         ranking = {"index": os.path.abspath(args.index), "checkpoint": os.path.abspath(ckpt_path),
-                   "bits": index.config["dim"], "engine": args.engine, "queries": queries}
+                   "bits": index.config["dim"], "engine": args.engine, "engine_params": search.params,
+                   "queries": queries}
         if args.json == "-":
             json.dump(ranking, sys.stdout, indent=2)
             sys.stdout.write("\n")

@@ -10,7 +10,8 @@
 
 Their results are what faiss finds, ordered by (distance, database index), -1 where it found
 fewer than k; recall against the exact index is in docs/benchmarks.md. The structure is built at
-the first search (codes added later are added to it then) and saved with the index.
+the first search (codes added later are added to it then) and saved with a BinaryIndex file; the
+retrieval command keeps it in the index folder (engine_store.py).
 """
 import math
 

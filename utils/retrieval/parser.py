@@ -16,7 +16,9 @@ An index is a folder of packed codes (bits / 8 bytes each, memory-mapped when qu
 where known, image paths, the checkpoint's configuration and a fingerprint of its weights (a
 query or an --append with a checkpoint of other weights is refused); see
 utils/retrieval/index_file.py. Queries are exact (ascending Hamming distance, ties by database
-index) unless --engine names an approximate one. Every output path is checked before encoding.
+index) unless --engine names an approximate one, whose structure the first query builds and
+keeps in the index folder for the next (utils/retrieval/engine_store.py). Every output path is
+checked before encoding.
 """
 import argparse
 
@@ -85,7 +87,11 @@ def build_parser():
     q.add_argument("--grid", default=None, help="write a picture of the results here (.png)")
     q.add_argument("--engine", default="exact", choices=("exact", *ENGINES),
                    help="exact (default: every code compared) or an approximate engine for very large "
-                        "indexes, built over the codes at the query: ivf, hnsw or mih")
+                        "indexes: ivf, hnsw or mih. The first query with given build flags builds it "
+                        "over the index's codes and keeps it in the index folder; later ones load it")
+    q.add_argument("--rebuild-engine", action="store_true",
+                   help="build the --engine structure again instead of loading the one kept in the index "
+                        "folder (e.g. for the default nlist of an index that has grown by --append)")
     for flags in ENGINE_FLAGS.values():
         for flag in flags:
             q.add_argument(f"--{flag}", type=int, default=None, help=ENGINE_HELP[flag])

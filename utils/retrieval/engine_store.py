@@ -1,0 +1,89 @@
+"""An approximate engine's structure kept in the index folder, so that only the first query with
+given build flags pays for the build (IVF's k-means over 10^7 codes takes minutes to an hour on
+a CPU); later queries load it, and codes appended since are added to it, not rebuilt.
+
+    NAME.index/engine-ivf.faiss   the faiss binary index (faiss.serialize_index_binary)
+    NAME.index/engine-ivf.json    what it was built from: bits, the weights' fingerprint, the
+                                  build flags asked (None: the default) and used, and the number
+                                  of the folder's codes it holds
+
+It is valid for the folder because an index folder only grows: `--append` adds rows after the
+last, and a rebuilt index replaces the whole folder (and so its engine files). One structure is
+kept per engine; a query with other build flags builds and keeps its own in its place.
+Search-time flags (nprobe, efSearch, nflip) never need a rebuild.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from ..checkpoint import write_atomically
+from ..errors import UserError
+
+# The flags that shape each engine's structure; the others only steer a search.
+BUILD_FLAGS = {"ivf": ("nlist", "niter"), "hnsw": ("M", "efConstruction")}
+
+
+def files_of(folder, engine):
+    return os.path.join(folder, f"engine-{engine}.faiss"), os.path.join(folder, f"engine-{engine}.json")
+
+
+def read_record(file):
+    try:
+        with open(file) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def attach(search, folder, header, asked, rebuild=False, say=None):
+    """Give BinaryIndex `search` (an approximate engine over the folder's codes) its structure:
+    loaded from the folder when one was kept for these build flags, else built and kept there.
+    `asked`: the engine flags given on the command line (None where left to the default)."""
+    say = say or (lambda text: print(text, file=sys.stderr))
+    engine = search.engine
+    if engine not in BUILD_FLAGS:  # multi-index hashing: its tables are rebuilt in a moment
+        return
+    structure, record_file = files_of(folder, engine)
+    want = {"bits": search.bits, "weights_sha256": header.get("weights_sha256"),
+            "asked": {flag: asked.get(flag) for flag in BUILD_FLAGS[engine]}}
+    record = None if rebuild else read_record(record_file)
+    kept = (record is not None and {key: record.get(key) for key in want} == want
+            and 0 < record.get("count", 0) <= len(search) and os.path.isfile(structure)
+            and os.path.getsize(structure) == record.get("bytes"))
+    started = time.perf_counter()
+    if kept:
+        search.approx.deserialize(np.fromfile(structure, np.uint8), record["count"])
+        search.approx.params.update(record["used"])
+        grown = len(search) - record["count"]
+        search.approx.sync(search.codes)
+        say(f"loaded the {engine} structure kept in {structure} ({record['count']} codes"
+            + (f"; added the {grown} appended since" if grown else "") + f", {time.perf_counter() - started:.1f} s)")
+        if not grown:
+            return
+    else:
+        search.approx.sync(search.codes)
+        say(f"built the {engine} structure over {len(search)} codes ({engine_params(search)}) in "
+            f"{time.perf_counter() - started:.1f} s")
+    keep(search, structure, record_file, want, say)
+
+
+def keep(search, structure, record_file, want, say):
+    data = search.approx.serialize(search.codes)
+    used = {flag: search.approx.params[flag] for flag in BUILD_FLAGS[search.engine]}
+    try:
+        write_atomically(structure, lambda fh: fh.write(data), suffix=".faiss")
+        write_atomically(record_file, lambda fh: json.dump({**want, "used": used, "count": len(search),
+                                                            "bytes": len(data)}, fh, indent=1),
+                         suffix=".json", binary=False)
+    except UserError as err:  # a read-only index folder: the query goes on, the next one builds again
+        say(f"warning: the {search.engine} structure could not be kept in the index folder, so the next query "
+            f"builds it again: {err}")
+        return
+    say(f"kept it in {structure} ({len(data) / 2**20:.1f} MB): later queries with these build flags load it")
+
+
+def engine_params(search):
+    return ", ".join(f"{key} {value}" for key, value in search.params.items())

@@ -18,7 +18,7 @@ from utils.flags import seed_everything
 from utils.hashing import fit_itq, fit_lsh
 from utils.method import Method
 from utils.models import network_for
-from utils.run_state import RunFolder, device_kind, plain_args, run_config, write_json_atomic
+from utils.run_state import RunFolder, device_kind, environment, plain_args, run_config, write_json_atomic
 from utils.splits import Splits
 
 
@@ -81,7 +81,7 @@ def run_features(method_cls, args):
     config = run_config(args, method_cls.name, splits)
     results = {"variant": method_cls.name, "dataset": args.dataset, "run_dir": folder.path, "best_epoch": 0,
                "val": val, "test": test, "args": plain_args(args), "train_seconds": seconds,
-               "device": device_kind(args.device_obj), "world_size": dist.world_size()}
+               "device": device_kind(args.device_obj), "world_size": dist.world_size(), "environment": environment()}
     if dist.is_main():
         state = {"format": ckpt_io.FORMAT, "version": 2, "config": config, "args": plain_args(args), "epoch": 0,
                  "step": 0, "model": model.state_dict(), "best": {"score": val[f"mAP@{args.topk}"], "epoch": 0}}

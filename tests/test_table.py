@@ -36,7 +36,8 @@ def recorded_args(method, dataset, bits, seed, extra=()):
     return args
 
 
-def write_run(root, name, variant, dataset, dim, seed, map100, args=None, val=None, seconds=None, curves=False):
+def write_run(root, name, variant, dataset, dim, seed, map100, args=None, val=None, seconds=None, curves=False,
+              environment=None):
     """A finished run folder as the scripts leave it (results.json only)."""
     folder = os.path.join(root, name)
     os.makedirs(folder)
@@ -49,6 +50,8 @@ def write_run(root, name, variant, dataset, dim, seed, map100, args=None, val=No
               "test": test, "args": args or {"dim": dim, "seed": seed, "dataset": dataset, "epochs": 5}}
     if seconds is not None:
         result.update(train_seconds=seconds, device="cpu", world_size=1)
+    if environment is not None:
+        result["environment"] = environment
     with open(os.path.join(folder, "results.json"), "w") as fh:
         json.dump(result, fh)
     return folder
@@ -144,6 +147,22 @@ def test_collect_never_averages_runs_made_with_other_flags(tmp_path, capsys):
     md = open(os.path.join(root, "table.md")).read()
     assert "| CDNE(MB) [epochs=5] | 50.00 |" in md
     assert f"| CDNE(MB) [epochs=130] | 85.00 ± {statistics.stdev([80.0, 90.0]):.2f} (n=2) |" in md
+
+
+def test_seeds_run_under_other_thread_counts_are_averaged_with_a_warning(tmp_path, capsys):
+    root = str(tmp_path / "runs")
+    env = {"torch": "2.14.1", "cpu_threads": 1, "cuda": None, "cudnn": None}
+    args = [recorded_args("mb", "digits", 16, seed) for seed in range(3)]
+    write_run(root, "s0", "MB", "digits", 16, 0, 0.50, args=args[0], environment=env)
+    write_run(root, "s1", "MB", "digits", 16, 1, 0.60, args=args[1], environment=dict(env, cpu_threads=2))
+    write_run(root, "s2", "MB", "digits", 16, 2, 0.70, args=args[2])  # from before runs recorded it
+    assert table.main(["--collect", root]) == 0
+    line = "CDNE(MB) on digits at 16 bits: its runs differ in cpu_threads 1; cpu_threads 2, so its spread is not only the seeds'"
+    assert f"warning: {line}" in capsys.readouterr().err
+    md = open(os.path.join(root, "table.md")).read()
+    assert "| CDNE(MB) | 60.00 ± 10.00 (n=3) |" in md and f"Note: {line}." in md
+    assert table.main(["--collect", root, "--seeds", "0", "2"]) == 0  # one environment recorded: no warning
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_print_commands_lists_only_unfinished_cells_and_runs_nothing(tmp_path, capsys):
@@ -373,6 +392,7 @@ def test_real_runs_finish_are_skipped_then_trained_on_with_more_epochs(tiny_root
     assert "| CDNE(MB) | " in open(os.path.join(out, "table.md")).read()
     record = json.load(open(results))
     assert record["train_seconds"] > 0 and record["device"] == "cpu" and record["world_size"] == 1
+    assert record["environment"]["cpu_threads"] == 1 and record["environment"]["torch"] == torch.__version__
     pk = record["test"]["precision_at_k"]
     assert pk["k"][:3] == [1, 5, 10] and len(pk["k"]) == len(pk["precision"]) and pk["k"][-1] <= 1000
     assert all(0 <= p <= 1 for p in pk["precision"]) and len(record["test"]["pr_recall"]) == 9

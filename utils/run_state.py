@@ -134,6 +134,13 @@ def device_kind(device):
     return device.type
 
 
+def environment():
+    """What besides the flags can move a run's numbers: the torch version, the CPU threads of the
+    process (the order of float sums in its kernels), CUDA and cuDNN."""
+    return {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+
+
 def plain_args(args):
     """The flags as plain data (what args.json and checkpoints record)."""
     def plain(v):

@@ -32,7 +32,7 @@ from utils import grid_runner
 from utils.errors import UserError, exit_on_user_error
 from utils.table_cells import (FEATURE_METHODS, METHODS, REPO, RESERVED, STALE_MARK, Cell, assess, cell_label,
                                collect, command, read_result, run_folder)
-from utils.table_report import PAPER, PAPER_BITS, aggregate, write_report
+from utils.table_report import PAPER, PAPER_BITS, aggregate, mixed_environments, write_report
 
 
 class _Parser(argparse.ArgumentParser):
@@ -234,6 +234,8 @@ def main(argv=None):
     if args.figure_bits is not None and args.figure_bits not in bits:
         raise UserError(f"--figure-bits {args.figure_bits} is not among the bits found: {sorted(bits)}")
     rows = aggregate(records, methods, ordered(datasets, list(PAPER)), sorted(set(bits)), args.lr_grid)
+    for line in mixed_environments(rows):
+        print(f"warning: {line}", file=sys.stderr)
     paths = write_report(report, rows, failures, args.lr_grid, args.figure_bits)
     print("wrote " + ", ".join(paths))
     if failures:

@@ -6,6 +6,7 @@ import os
 import shlex
 import statistics
 
+from utils.checkpoint import write_atomically
 from utils.run_state import write_json_atomic
 from utils.table_cells import FEATURE_METHODS, IGNORED, FEATURE_IGNORED, METHODS
 
@@ -122,12 +123,33 @@ def _row(m, d, b, all_runs, label, lr_grid):
            "seconds": sum(r["seconds"] * r["world_size"] for r in timed) if timed else None,
            "untimed_runs": len(all_runs) - len(timed),
            "devices": sorted({r["device"] for r in timed if r["device"]}),
+           "environments": environments(runs),
            "pr_curve": _mean_curve(runs, "pr", "recall", "precision"),
            "precision_at_k": _mean_curve(runs, "pk", "k", "precision")}
     if lr_grid:
         row["lr"] = lr
         row["lr_grid"] = None if scores is None else {repr(float(k)): v for k, v in scores.items()}
     return row
+
+
+def environments(runs):
+    """The distinct environments (torch, CPU threads, CUDA) the runs of a row recorded; runs from
+    before the record are left out."""
+    seen = {json.dumps(r["environment"], sort_keys=True) for r in runs if r.get("environment")}
+    return [json.loads(e) for e in sorted(seen)]
+
+
+def mixed_environments(rows):
+    """One line per row whose seeds ran under different environments: a spread that is not only
+    the seeds'."""
+    lines = []
+    for r in rows:
+        if len(r["environments"]) > 1:
+            keys = [k for k in r["environments"][0] if len({str(e.get(k)) for e in r["environments"]}) > 1]
+            seen = "; ".join(", ".join(f"{k} {e.get(k)}" for k in keys) for e in r["environments"])
+            lines.append(f"{r['method']} on {r['dataset']} at {r['bits']} bits: its runs differ in {seen}, "
+                         f"so its spread is not only the seeds'")
+    return lines
 
 
 def format_cell(row):
@@ -175,6 +197,7 @@ def write_md(path, rows, failures=(), lr_grid=None):
     spent = ", ".join(f"{s:.0f} s on {k}" for k, s in total["seconds_by_device"].items()) or "no recorded time"
     lines += ["", COST_HEADER, ""] + _grid(rows, format_seconds) + ["", f"Total: {spent}"
               + (f" ({total['untimed_runs']} run(s) without a recorded time)" if total["untimed_runs"] else "") + "."]
+    lines += [""] + [f"Note: {line}." for line in mixed_environments(rows)]
     lines += [""] + [f"Failed: {label} (exit status {status}): `{shlex.join(cmd)}`" for label, cmd, status in failures]
     _write_text(path, "\n".join(lines).rstrip() + "\n")
 
@@ -184,8 +207,7 @@ def _num(x):
 
 
 def write_csv(path, rows, lr_grid=None):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
+    def write(fh):
         w = csv.writer(fh)
         w.writerow(["method", "dataset", "bits", "n_seeds", "mean", "std", "paper", "diff", "seeds", "key",
                     "lr", "seconds"])
@@ -193,7 +215,7 @@ def write_csv(path, rows, lr_grid=None):
             w.writerow([r["method"], r["dataset"], r["bits"], r["n_seeds"], _num(r["mean"]), _num(r["std"]),
                         _num(r["paper"]), _num(r["diff"]), " ".join(map(str, r["seeds"])), r["key"],
                         "" if r.get("lr") is None else r["lr"], _num(r["seconds"])])
-    os.replace(tmp, path)
+    write_atomically(path, write, suffix=".csv", binary=False)
 
 
 def write_json(path, rows, failures=(), lr_grid=None):
@@ -202,9 +224,7 @@ def write_json(path, rows, failures=(), lr_grid=None):
 
 
 def _write_text(path, text):
-    with open(path + ".tmp", "w") as fh:
-        fh.write(text)
-    os.replace(path + ".tmp", path)
+    write_atomically(path, lambda fh: fh.write(text), suffix=os.path.splitext(path)[1], binary=False)
 
 
 def write_report(folder, rows, failures=(), lr_grid=None, figure_bits=None):

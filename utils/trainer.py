@@ -19,7 +19,7 @@ from .evaluation import evaluate, log_test_pictures, precision_at_k_curve, tb_ta
 from .flags import build_parser, check_amp, check_args, seed_everything, select_device
 from .method import StepBatch
 from .models import network_for
-from .run_state import (RunFolder, check_variant, device_kind, plain_args, restore, resume_args, resume_command,
+from .run_state import (RunFolder, check_variant, device_kind, environment, plain_args, restore, resume_args, resume_command,
                         run_config, training_state, write_json_atomic)
 from .splits import Splits
 from .stop_signals import StopRequested, StopSignals, all_ranks_finite
@@ -228,7 +228,7 @@ class Trainer:
         return {"variant": self.config["variant"], "dataset": self.args.dataset, "run_dir": self.run.path,
                 "best_epoch": best_info["epoch"], "val": best_info["metrics"], "test": test,
                 "args": plain_args(self.args), "train_seconds": self.train_seconds,
-                "device": device_kind(device), "world_size": dist.world_size()}
+                "device": device_kind(device), "world_size": dist.world_size(), "environment": environment()}
 
 
 def run(method_cls, description, argv=None, script=None, add_flags=None, train=None):

@@ -4,7 +4,7 @@ torchgeo is not a dependency (it pulls in Lightning, rasterio, kornia, geopandas
 packages): this table holds the facts of its enums that loading needs (URL with the sha256
 prefix that torch.hub verifies, architecture, bands in the weights' order, input scaling), read
 from torchgeo/models/resnet.py; tests/test_backbones.py checks them against torchgeo wherever
-torchgeo is installed. torchgeo builds these models as timm's resnet18/50 and loads the file
+torchgeo is installed (last checked against torchgeo 0.8.1, 2026-12-01: every entry agrees). torchgeo builds these models as timm's resnet18/50 and loads the file
 with load_state_dict, allowing only fc.* to differ; timm's and torchvision's ResNets have the
 same key names and layers, so the file loads into the paper's torchvision trunk as it is.
 

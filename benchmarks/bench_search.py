@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import print_header  # noqa: E402
+from utils.retrieval.search import exact_search  # noqa: E402
 from utils.search import BinaryIndex, hamming_topk  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -179,8 +180,9 @@ def bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_i, t_exact):
 
 def choose_engine(n, bits, n_queries, k):
     """The candidates for BinaryIndex's exact scan, timed on one batch: faiss's IndexBinaryFlat,
-    faiss's knn_hamming on our own array (no copy), numpy's bitwise_count with a partial sort,
-    and today's float matmul with a full sort."""
+    faiss's knn_hamming on our own array (no copy; its heap asked for 2k, and its counting
+    variant), BinaryIndex's exact search (which of the two it runs and the ties settled), numpy's
+    bitwise_count with a partial sort, and today's float matmul with a full sort."""
     nb = bits // 8
     db, queries = random_codes(n, nb, 1), random_codes(n_queries, nb, 2)
     flat = faiss.IndexBinaryFlat(bits)
@@ -197,7 +199,9 @@ def choose_engine(n, bits, n_queries, k):
     q_f = torch.from_numpy(np.unpackbits(queries, axis=1).astype(np.float32) * 2 - 1)
     print(f"exact scans, {n} codes of {bits} bits, {n_queries} queries, k = {k} (ms per query):")
     for name, fn in (("faiss IndexBinaryFlat.search", lambda: flat.search(queries, k)),
-                     ("faiss knn_hamming (BinaryIndex's scan)", lambda: faiss.knn_hamming(queries, db, 2 * k)),
+                     ("faiss knn_hamming heap, asked for 2k", lambda: faiss.knn_hamming(queries, db, 2 * k)),
+                     ("faiss knn_hamming counting (mc), k", lambda: faiss.knn_hamming(queries, db, k, variant="mc")),
+                     ("BinaryIndex exact search", lambda: exact_search(queries, db, k)),
                      ("numpy bitwise_count + argpartition", numpy_scan),
                      ("torch float matmul + sort (hamming_topk)", lambda: hamming_topk(q_f, db_f, k, chunk_size=16))):
         best = min(timed(fn)[0] for _ in range(2))

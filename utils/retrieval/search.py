@@ -3,10 +3,20 @@ faiss, exactly (the default) or approximately; `hamming_topk` is the float refer
 (kept with its meaning: it is what the metrics' ranking rule looks like written out).
 
 Exact search is faiss's `knn_hamming` (the scan of `IndexBinaryFlat`, run on our own array, so a
-memory-mapped database is searched without being read in), made exact under section 6's rule
-whatever faiss does with ties: it is asked for 2k results, which are ordered by (distance, index);
-where the k-th distance still reaches the end of that list, for four times as many, and so on;
-past 65,536 the items at that distance are taken in index order from a scan. The engine was chosen by measurement (docs/benchmarks.md, search).
+memory-mapped database is searched without being read in), exact under section 6's rule:
+
+* up to 64 bits (and k up to 4096), its counting variant ("mc"): per query one bucket per
+  distance, each holding the first k items met at that distance while the database is scanned
+  in index order, so the buckets read in order of distance are the rule's top k, in one pass.
+  Short codes tie often at the k-th distance (at 32 bits, 10^6 codes, a few hundred items
+  share it), which made the method below scan twice;
+* longer codes (ties are rare) or larger k: the heap variant, whatever it does with ties: it is
+  asked for 2k results, which are ordered by (distance, index); where the k-th distance still
+  reaches the end of that list, for four times as many, and so on; past 65,536 the items at
+  that distance are taken in index order from a scan.
+
+Both were chosen by measurement (docs/benchmarks.md, section 8); tests/test_search.py checks
+both against a brute-force stable sort.
 """
 import json
 import os
@@ -23,6 +33,7 @@ MAGIC = b"CDNE-BINARY-INDEX\n"
 HEADER_BYTES = 4096  # magic + JSON header, padded; the codes start here (page-aligned for mmap)
 QUERY_ENTRIES = 1 << 21  # results held at once (queries x 2k, ~50 bytes each): memory for any batch
 WIDEST = 1 << 16  # results asked of faiss per query before ties are settled by a scan
+COUNTING_MAX_BITS, COUNTING_MAX_K = 64, 4096  # where the counting variant is used (its buckets: (bits + 1) x k)
 
 
 @torch.no_grad()
@@ -71,6 +82,8 @@ def exact_search(queries, db, k):
     n, k = len(db), min(int(k), len(db))
     if k == 0 or len(queries) == 0:
         return np.zeros((len(queries), k), np.int64), np.zeros((len(queries), k), np.int64)
+    if queries.shape[1] * 8 <= COUNTING_MAX_BITS and k <= COUNTING_MAX_K:
+        return counting_search(queries, db, k)
     dists, idxs = np.empty((len(queries), k), np.int64), np.empty((len(queries), k), np.int64)
     rows, wide = np.arange(len(queries)), min(n, 2 * k)
     # Ask faiss for `wide` results; the rows whose k-th distance still reaches the end of them are
@@ -92,6 +105,19 @@ def exact_search(queries, db, k):
         rows = np.concatenate(spilled) if wide < WIDEST else rows[:0]
         wide = min(n, 4 * wide, max(WIDEST, 2 * k))
     return dists, idxs
+
+
+def counting_search(queries, db, k):
+    """exact_search through faiss's counting variant: the first k items at each distance in index
+    order, in one scan. Its buckets take (bits + 1) x k ids per query: queries go in chunks."""
+    step = max(1, QUERY_ENTRIES * 50 // ((queries.shape[1] * 8 + 1) * k * 8))
+    dists, idxs = [], []
+    for start in range(0, len(queries), step):
+        d, i = faiss.knn_hamming(np.ascontiguousarray(queries[start:start + step]), db, k, variant="mc")
+        d, i = sort_results(d.astype(np.int64), i.astype(np.int64))  # already so; cheap to be sure
+        dists.append(d)
+        idxs.append(i)
+    return np.concatenate(dists), np.concatenate(idxs)
 
 
 def ties_in_index_order(query, db, dist, idx, rows=1 << 20):

@@ -158,8 +158,7 @@ def bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_i, t_exact):
     for engine, params in engines:
         base = rss_mb()
         if approx is not None and approx.engine == engine:  # the same structure, other search parameters
-            approx.approx.params.update(params)
-            approx.params = approx.approx.params
+            approx.set_search_params(**params)
             build, mem = "", 0
         else:
             approx = BinaryIndex.from_packed(bits, db, engine, **params)

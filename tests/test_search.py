@@ -244,10 +244,9 @@ def test_an_index_folder_keeps_the_engine_structure(engine, build, tmp_path, mon
     # The next query with these build flags loads it (a search flag may differ) and answers alike.
     again = attached(1_500, {**build, "nprobe": 8} if engine == "ivf" else {**build, "efSearch": 200})
     assert said == [s for s in said if s.startswith(f"loaded the {engine} structure kept in")] and len(said) == 1
-    if engine == "ivf":
-        again.approx.params["nprobe"] = first.params["nprobe"]
-    else:
-        again.approx.params["efSearch"] = first.params["efSearch"]
+    again.set_search_params(**{flag: first.params[flag] for flag in again.approx.search_flags})
+    with pytest.raises(UserError, match="shape.* its structure"):
+        again.set_search_params(**{flag: 3 for flag in engine_store.BUILD_FLAGS[engine]})
     for got, want in zip(again.search_packed(queries[:2], 20), answer):
         np.testing.assert_array_equal(got, want)
     # Codes appended to the folder since are added to the kept structure, which is kept again.

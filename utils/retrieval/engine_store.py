@@ -21,9 +21,10 @@ import numpy as np
 
 from ..checkpoint import write_atomically
 from ..errors import UserError
+from .engines import ENGINES
 
-# The flags that shape each engine's structure; the others only steer a search.
-BUILD_FLAGS = {"ivf": ("nlist", "niter"), "hnsw": ("M", "efConstruction")}
+# The flags that shape each kept structure (multi-index hashing is not kept: see attach).
+BUILD_FLAGS = {name: ENGINES[name].build_flags() for name in ("ivf", "hnsw")}
 
 
 def files_of(folder, engine):

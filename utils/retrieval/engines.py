@@ -32,7 +32,9 @@ def sort_results(dist, idx):
 
 
 class ApproximateEngine:
-    name, defaults = "", {}
+    # defaults: every parameter; search_flags: those that steer a search only (the rest shape the
+    # structure, and changing them means building it again).
+    name, defaults, search_flags = "", {}, ()
 
     def __init__(self, dim_bits, params):
         unknown = sorted(set(params) - set(self.defaults))
@@ -78,9 +80,23 @@ class ApproximateEngine:
     def set_search_params(self, k):
         pass
 
+    def change_search_flags(self, flags):
+        wrong = sorted(set(flags) - set(self.search_flags))
+        if wrong:
+            raise UserError(f"engine {self.name}: {', '.join(wrong)} shape(s) its structure; only "
+                            f"{', '.join(self.search_flags)} can change after it is built")
+        for key, value in flags.items():
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise UserError(f"engine {self.name}: {key} must be a positive integer, got {value!r}")
+            self.params[key] = int(value)
+
+    @classmethod
+    def build_flags(cls):
+        return tuple(flag for flag in cls.defaults if flag not in cls.search_flags)
+
 
 class IVF(ApproximateEngine):
-    name, defaults = "ivf", {"nlist": None, "nprobe": 16, "niter": 10}
+    name, defaults, search_flags = "ivf", {"nlist": None, "nprobe": 16, "niter": 10}, ("nprobe",)
 
     def build(self, codes):
         nlist = self.params["nlist"] or max(1, min(65536, round(math.sqrt(len(codes)))))
@@ -101,7 +117,7 @@ class IVF(ApproximateEngine):
 
 
 class HNSW(ApproximateEngine):
-    name, defaults = "hnsw", {"M": 16, "efConstruction": 40, "efSearch": 128}
+    name, defaults, search_flags = "hnsw", {"M": 16, "efConstruction": 40, "efSearch": 128}, ("efSearch",)
 
     def build(self, codes):
         index = faiss.IndexBinaryHNSW(self.d, self.params["M"])
@@ -113,7 +129,7 @@ class HNSW(ApproximateEngine):
 
 
 class MultiIndexHashing(ApproximateEngine):
-    name, defaults = "mih", {"nhash": 4, "b": None, "nflip": 2}
+    name, defaults, search_flags = "mih", {"nhash": 4, "b": None, "nflip": 2}, ("nflip",)
 
     def build(self, codes):
         b = self.params["b"] or self.d // self.params["nhash"]

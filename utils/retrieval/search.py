@@ -142,7 +142,8 @@ class BinaryIndex:
     BinaryIndex(bits, engine="exact" | "ivf" | "hnsw", **params): `add(codes)` in pieces,
     `search(codes, k) -> (distances, indices)` as (q, k) int64 arrays, `len`, `save(path)`, and
     `BinaryIndex.load(path)`, which memory-maps the codes. Approximate engines (engines.py) build
-    their faiss structure from the codes at the first search and are saved with them."""
+    their faiss structure from the codes at the first search and are saved with them;
+    `set_search_params(nprobe=64)` changes how they search without building it again."""
 
     def __init__(self, bits, engine="exact", **params):
         bits = int(bits)
@@ -182,6 +183,13 @@ class BinaryIndex:
             self._codes = grown
         self._codes[self._count:need] = packed
         self._count = need
+
+    def set_search_params(self, **flags):
+        """Change an approximate engine's search-time parameters (ivf nprobe, hnsw efSearch, mih
+        nflip) without building its structure again."""
+        if self.approx is None:
+            raise UserError(f"the exact engine has no search parameters (got {', '.join(flags)})")
+        self.approx.change_search_flags(flags)
 
     def search(self, codes, k):
         """(distances, indices), (q, k) int64: the k nearest codes in ascending Hamming distance,

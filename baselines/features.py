@@ -81,7 +81,8 @@ def run_features(method_cls, args):
     config = run_config(args, method_cls.name, splits)
     results = {"variant": method_cls.name, "dataset": args.dataset, "run_dir": folder.path, "best_epoch": 0,
                "val": val, "test": test, "args": plain_args(args), "train_seconds": seconds,
-               "device": device_kind(args.device_obj), "world_size": dist.world_size(), "environment": environment()}
+               "device": device_kind(args.device_obj), "world_size": dist.world_size(), "environment": environment(),
+               "environments": [environment()]}
     if dist.is_main():
         state = {"format": ckpt_io.FORMAT, "version": 2, "config": config, "args": plain_args(args), "epoch": 0,
                  "step": 0, "model": model.state_dict(), "best": {"score": val[f"mAP@{args.topk}"], "epoch": 0}}

@@ -156,6 +156,9 @@ def bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_i, t_exact):
     engines = [(name, params) for name, params in engines if name in args.engines]
     approx = None
     for engine, params in engines:
+        if approx is not None and approx.engine != engine:
+            approx = None  # free the last engine's structure before measuring this one's
+            gc.collect()
         base = rss_mb()
         if approx is not None and approx.engine == engine:  # the same structure, other search parameters
             approx.set_search_params(**params)

@@ -192,8 +192,21 @@ def test_atomic_save_keeps_the_previous_file_on_failure(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(UserError, match=r"No space left on device, \d+ MiB free there\); the previous file is kept"):
+    with pytest.raises(UserError, match=r"No space left on device, \d+ MiB free there\); the previous file is kept; "
+                                        r"free some space and try again$"):
         ckpt_io.atomic_save({"epoch": 2, "w": torch.zeros(4)}, str(path))
+    # A folder that cannot be written (read-only, gone): one line too, before any temporary file.
+    with pytest.raises(UserError, match=r"cannot write .*/gone/results.json \(No such file or directory.*; nothing "
+                                        r"was written; the folder .*/gone is gone; create it"):
+        ckpt_io.write_atomically(str(tmp_path / "gone" / "results.json"), lambda fh: fh.write(b"{}"))
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(ckpt_io.tempfile, "mkstemp", read_only)
+    with pytest.raises(UserError, match=r"\(Read-only file system.*the previous file is kept; make .* writable"):
+        ckpt_io.atomic_save({"epoch": 3}, str(path))
+    monkeypatch.undo()
     monkeypatch.setattr(torch, "save", real_save)
     kept = torch.load(path, weights_only=True)
     assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(4))
@@ -276,3 +289,22 @@ def test_the_best_checkpoint_is_the_last_one_without_a_second_copy(tmp_path, mon
     assert os.stat(last).st_ino != os.stat(best).st_ino
     assert torch.load(best, weights_only=True)["epoch"] == 2
     assert sorted(os.listdir(tmp_path)) == ["checkpoint_best.pth", "checkpoint_last.pth"]
+
+
+def test_a_failed_checkpoint_write_says_how_to_go_on(tmp_path, monkeypatch):
+    from utils.run_state import RunFolder
+
+    run = object.__new__(RunFolder)  # only the two paths matter here
+    run.last, run.best = str(tmp_path / "checkpoint_last.pth"), str(tmp_path / "checkpoint_best.pth")
+    state = {"config": {"variant": "MB"}, "epoch": 1}
+    run.save(state, best=True)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io.tempfile, "mkstemp", full_disk)
+    with pytest.raises(UserError, match=r"No space left on device.*free some space and try again; then continue the "
+                                        r"run with: python \S*train_MB/main.py --resume \S*checkpoint_last.pth$"):
+        run.save(dict(state, epoch=2), best=True)
+    monkeypatch.undo()
+    assert [torch.load(p, weights_only=True)["epoch"] for p in (run.last, run.best)] == [1, 1]

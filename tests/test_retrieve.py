@@ -341,6 +341,8 @@ def test_query_ranks_as_hamming_topk(trained, split_index, tmp_path, capsys):
     assert_user_error(code, err, "--efSearch is a parameter of --engine hnsw, not of --engine exact")
     code, _, err = call(capsys, "query", "--index", split_index, images[0], "--rebuild-engine")
     assert_user_error(code, err, "--rebuild-engine is for an approximate --engine")
+    code, _, err = call(capsys, "query", "--index", split_index, images[0], "--engine", "mih", "--rebuild-engine")
+    assert_user_error(code, err, "--rebuild-engine is for ivf and hnsw, whose structure an index folder keeps")
 
 
 def test_append_and_unwritable_outputs(trained, split_index, tmp_path, capsys):

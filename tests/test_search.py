@@ -260,11 +260,22 @@ def test_an_index_folder_keeps_the_engine_structure(engine, build, tmp_path, mon
     for case in (dict(asked=other), dict(head={"weights_sha256": "cd" * 32}), dict(rebuild=True)):
         attached(2_000, **case)
         assert said[0].startswith(f"built the {engine} structure"), case
-    (tmp_path / f"engine-{engine}.faiss").write_bytes(b"half")
+    kept_file = tmp_path / f"engine-{engine}.faiss"
+    kept_file.write_bytes(b"half")
     attached(2_000)
     assert said[0].startswith(f"built the {engine} structure")
+    kept_file.write_bytes(bytes(os.path.getsize(kept_file)))  # the right size, but not faiss's
+    attached(2_000)
+    assert "does not hold the 2000 codes its record says; building it again" in said[0]
+    assert said[1].startswith(f"built the {engine} structure")
     # A folder that cannot be written to: the query goes on, with a warning.
-    monkeypatch.setattr(engine_store, "write_atomically", lambda *a, **k: (_ for _ in ()).throw(
-        UserError("cannot write x (Read-only file system)")))
+    from utils import checkpoint
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", read_only)
     searched = attached(2_000, rebuild=True)
     assert said[-1].startswith(f"warning: the {engine} structure could not be kept") and len(searched) == 2_000
+    assert "Read-only file system" in said[-1]
+    assert searched.search_packed(queries[2:], 1)[1][0, 0] == 1_999

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, load_script
+from utils import checkpoint as ckpt_io
 from utils import grid_runner, table, table_cells
 from utils.flags import build_parser, image_extension
 from utils.run_state import write_json_atomic
@@ -208,10 +209,19 @@ def test_a_stale_cell_stops_the_table_before_anything_runs(tmp_path, capsys, no_
     assert sorted(os.walk(out)) == before  # nothing ran, nothing was written (seed 2's folder neither)
 
 
-def test_rerun_stale_sets_the_old_folder_aside_and_collect_leaves_it_out(tmp_path, capsys):
+def test_rerun_stale_sets_the_old_folder_aside_and_collect_leaves_it_out(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "out")
     made = recorded_args("mb", "digits", 8, 0, ["--epochs", "3", "--lr", "0.01"])
     folder = write_run(out, "digits/mb_8bit_seed0", "MB", "digits", 8, 0, 0.5, args=made)
+    with monkeypatch.context() as patch:  # a folder that cannot be renamed: one line, the run left as it was
+        patch.setattr(table.os, "rename", lambda *a: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+        with pytest.raises(SystemExit) as exc:
+            table.main(["--dataset", "digits", "--bits", "8", "--methods", "mb", "--out", out, "--rerun-stale",
+                        "--print-commands", "--", "--epochs", "3"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"cannot set aside {folder} as" in err and "(Read-only file system); make" in err
+        assert os.path.isfile(os.path.join(folder, "results.json"))
     assert table.main(["--dataset", "digits", "--bits", "8", "--methods", "mb", "--out", out, "--rerun-stale",
                        "--print-commands", "--", "--epochs", "3"]) == 0
     captured = capsys.readouterr()
@@ -402,12 +412,20 @@ def test_real_runs_finish_are_skipped_then_trained_on_with_more_epochs(tiny_root
     assert "skipped digits mb_8bit_seed0: finished" in capsys.readouterr().out
     assert os.path.getmtime(results) == stamp
 
+    # The first part ran under another environment (as a checkpoint from another machine would say).
+    last = os.path.join(folder, "checkpoint_last.pth")
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["environments"] == [record["environment"]]
+    ckpt["environments"] = [dict(record["environment"], cpu_threads=2)]
+    ckpt_io.atomic_save(ckpt, last)  # replaced, not written in place: checkpoint_best.pth may be a link to it
     assert table.main(grid + FAST + ["--epochs", "2"]) == 0
     longer = capsys.readouterr()
     assert "resuming digits mb_8bit_seed0: --epochs 2 asked, the run has 1" in longer.out, longer.out + longer.err
     assert "resumed from" in open(os.path.join(folder, "log.txt")).read()
     record2 = json.load(open(results))
     assert record2["args"]["epochs"] == 2 and record2["train_seconds"] > record["train_seconds"]
+    assert [e["cpu_threads"] for e in record2["environments"]] == [2, 1]
+    assert "CDNE(MB) on digits at 8 bits: its runs differ in cpu_threads 1; cpu_threads 2" in longer.err
 
     with pytest.raises(SystemExit) as exc:
         table.main(grid + FAST + ["--epochs", "1"])

@@ -3,6 +3,7 @@
 A checkpoint holds only tensors and plain data, so loading one from someone
 else cannot run code; torch.load(weights_only=True) refuses anything else.
 """
+import errno
 import os
 import pickle
 import random
@@ -23,8 +24,9 @@ CONFIG_KEYS = ("variant", "arch", "dim", "num_classes", "in_channels", "num_samp
 def write_atomically(path, write, suffix="", binary=True):
     """write(fh) into a temporary file in the same folder, fsync, then rename over `path`:
     a crash or a full disk mid-write leaves the previous file (or none), never half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
         with os.fdopen(fd, "wb" if binary else "w") as fh:
             write(fh)
             fh.flush()
@@ -34,7 +36,7 @@ def write_atomically(path, write, suffix="", binary=True):
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the rest of a group
         os.replace(tmp, path)
     except BaseException as err:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(err, OSError):  # a full disk, a quota, a folder gone: the user's to fix, in one line
             raise UserError(write_failure(path, err)) from None
@@ -42,15 +44,21 @@ def write_atomically(path, write, suffix="", binary=True):
 
 
 def write_failure(path, err):
-    """One line on a failed write: what, why, how much room is left, and that the old file stayed."""
+    """One line on a failed write: what, why, how much room is left, that the old file stayed,
+    and what to do about it."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         room = f", {shutil.disk_usage(folder).free / 2**20:.0f} MiB free there"
     except OSError:
         room = ""
     kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
-    return (f"cannot write {path} ({err.strerror or err}{room}); {kept}; free some space and try again "
-            "(a training run goes on from its last checkpoint with --resume auto)")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space and try again"
+    elif not os.path.isdir(folder):
+        fix = f"the folder {folder} is gone; create it or choose another output folder"
+    else:
+        fix = f"make {folder} writable or choose another output folder"
+    return f"cannot write {path} ({err.strerror or err}{room}); {kept}; {fix}"
 
 
 def atomic_save(obj, path):
@@ -63,6 +71,8 @@ def atomic_duplicate(src, dst):
     (the best checkpoint is usually the last one, and a ResNet-50 checkpoint is 130 MB), else
     a copy. Safe because checkpoints are only ever replaced by rename, never written in place."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".tmp-link-{os.getpid()}-{os.path.basename(dst)}")
+    if os.path.exists(dst) and os.path.samefile(src, dst):  # already one file (a rename would do nothing)
+        return
     try:
         if os.path.lexists(tmp):
             os.remove(tmp)

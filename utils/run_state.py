@@ -78,9 +78,16 @@ class RunFolder:
 
     def save(self, state, best=False):
         if dist.is_main():
-            ckpt_io.atomic_save(state, self.last)
-            if best:
-                ckpt_io.atomic_duplicate(self.last, self.best)
+            try:
+                ckpt_io.atomic_save(state, self.last)
+                if best:
+                    ckpt_io.atomic_duplicate(self.last, self.best)
+            except UserError as err:  # the last good checkpoint is still there: say how to go on from it
+                if not os.path.isfile(self.last):
+                    raise
+                variant = state.get("config", {}).get("variant")
+                how = resume_command(variant, self.last) if variant else f"--resume {self.last}"
+                raise UserError(f"{err}; then continue the run with: {how}") from None
 
 
 # The script that trains each method (utils.trainer.run's `script`), for messages that say how to go on.
@@ -217,6 +224,7 @@ def training_state(trainer):
             "model": trainer.model.state_dict(), "method": trainer.method.state_dict(),
             "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
             "scaler": trainer.scaler.state_dict(), "best": trainer.best, "train_seconds": trainer.train_seconds,
+            "environments": trainer.environments,
             "rng": [g["rng"] for g in gathered],
             "fingerprints": [g["fingerprint"] for g in gathered]}
 
@@ -233,6 +241,9 @@ def restore(trainer, ckpt, path):
     trainer.epoch, trainer.step_in_epoch = ckpt["epoch"], ckpt["step"]
     trainer.epoch_sums, trainer.best = ckpt["epoch_sums"], ckpt["best"]
     trainer.train_seconds = ckpt.get("train_seconds", 0.0)  # older checkpoints did not count
+    now = environment()
+    earlier = list(ckpt.get("environments", []))  # older checkpoints did not record them
+    trainer.environments = earlier + ([now] if now not in earlier else [])
     rng = ckpt["rng"]
     ckpt_io.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
 

@@ -129,7 +129,11 @@ def assess_grid(grid, args, extra):
         n = 1
         while os.path.exists(aside):
             aside, n = f"{folder}{STALE_MARK}{time.strftime('%Y%m%d-%H%M%S')}-{n}", n + 1
-        os.rename(folder, aside)
+        try:
+            os.rename(folder, aside)
+        except OSError as err:
+            raise UserError(f"cannot set aside {folder} as {aside} ({err.strerror}); make {args.out} writable or "
+                            f"pass a new --out") from None
         print(f"set aside {folder} as {aside} ({found[cell].reason}); running the cell again")
         found[cell] = found[cell]._replace(state="new")
     return found

@@ -241,7 +241,8 @@ def read_result(path):
                 "seed": int(args.get("seed", 0)), "lr": args.get("lr"), "value": 100.0 * float(test["mAP@100"]),
                 "val": 100.0 * float(res["val"]["mAP@100"]), "args": args,
                 "seconds": res.get("train_seconds"), "device": res.get("device"),
-                "world_size": int(res.get("world_size", 1)), "environment": res.get("environment"),
+                "world_size": int(res.get("world_size", 1)),
+                "environments": res.get("environments") or ([res["environment"]] if res.get("environment") else []),
                 "pr": {"precision": test["pr_precision"], "recall": test["pr_recall"]} if "pr_recall" in test else None,
                 "pk": {"k": pk["k"], "precision": pk["precision"]} if pk else None,
                 "folder": os.path.dirname(os.path.abspath(path))}

@@ -133,9 +133,14 @@ def _row(m, d, b, all_runs, label, lr_grid):
 
 
 def environments(runs):
-    """The distinct environments (torch, CPU threads, CUDA) the runs of a row recorded; runs from
-    before the record are left out."""
-    seen = {json.dumps(r["environment"], sort_keys=True) for r in runs if r.get("environment")}
+    """The distinct environments (torch, CPU threads, CUDA) the runs of a row ran under, every
+    resumed part of a run included; runs from before the record are left out. The CPU threads
+    count only for runs on the CPU (on a GPU they do not do the arithmetic)."""
+    seen = set()
+    for r in runs:
+        for env in r.get("environments") or ():
+            env = dict(env) if r.get("device") in (None, "cpu") else {k: v for k, v in env.items() if k != "cpu_threads"}
+            seen.add(json.dumps(env, sort_keys=True))
     return [json.loads(e) for e in sorted(seen)]
 
 

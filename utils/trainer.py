@@ -63,6 +63,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.epoch_sums = 0, 0, {}
         self.best = {"score": float("-inf"), "epoch": -1, "metrics": None}
         self.train_seconds = 0.0  # training time of all epochs so far, resumed parts included (the run's cost)
+        self.environments = [environment()]  # every distinct one the run's parts ran under (resumes add theirs)
         self.stop = StopSignals()
         self.run = RunFolder(args, method_cls.name)
         if resume is not None:
@@ -228,7 +229,8 @@ class Trainer:
         return {"variant": self.config["variant"], "dataset": self.args.dataset, "run_dir": self.run.path,
                 "best_epoch": best_info["epoch"], "val": best_info["metrics"], "test": test,
                 "args": plain_args(self.args), "train_seconds": self.train_seconds,
-                "device": device_kind(device), "world_size": dist.world_size(), "environment": environment()}
+                "device": device_kind(device), "world_size": dist.world_size(), "environment": environment(),
+                "environments": self.environments}
 
 
 def run(method_cls, description, argv=None, script=None, add_flags=None, train=None):

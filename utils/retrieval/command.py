@@ -11,7 +11,7 @@ from ..flags import REPO_ROOT, image_extension, select_device
 from ..errors import UserError, exit_on_user_error
 from ..visualize import retrieval_grid
 from .build import write_index
-from .engine_store import attach, engine_params
+from .engine_store import BUILD_FLAGS, attach, engine_params
 from .index_file import check_compatible, check_weights, load_index
 from .network import Loaded, encode_files
 from .outputs import check_index_out, check_writable
@@ -130,6 +130,9 @@ def engine_of(args, index):
             raise UserError("--rebuild-engine is for an approximate --engine (ivf, hnsw); the exact engine "
                             "builds nothing")
         return index.search
+    if args.rebuild_engine and args.engine not in BUILD_FLAGS:
+        raise UserError(f"--rebuild-engine is for ivf and hnsw, whose structure an index folder keeps; "
+                        f"{args.engine} builds its tables at every query")
     search = BinaryIndex.from_packed(index.search.bits, index.search.codes, args.engine, **given)
     if os.path.isdir(index.path):  # an index folder keeps the structure for the next query
         attach(search, index.path, index.header, given, rebuild=args.rebuild_engine)

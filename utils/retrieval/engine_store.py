@@ -56,7 +56,16 @@ def attach(search, folder, header, asked, rebuild=False, say=None):
             and os.path.getsize(structure) == record.get("bytes"))
     started = time.perf_counter()
     if kept:
-        search.approx.deserialize(np.fromfile(structure, np.uint8), record["count"])
+        try:
+            search.approx.deserialize(np.memmap(structure, np.uint8, "r"), record["count"])
+            kept = search.approx.index.ntotal == record["count"]
+        except RuntimeError:  # faiss could not read it: damaged, or from an incompatible faiss
+            kept = False
+        if not kept:
+            say(f"the {engine} structure kept in {structure} does not hold the {record['count']} codes its record "
+                f"says; building it again")
+            search.approx.index, search.approx.built = None, 0
+    if kept:
         search.approx.params.update(record["used"])
         grown = len(search) - record["count"]
         search.approx.sync(search.codes)
@@ -75,11 +84,13 @@ def keep(search, structure, record_file, want, say):
     data = search.approx.serialize(search.codes)
     used = {flag: search.approx.params[flag] for flag in BUILD_FLAGS[search.engine]}
     try:
+        if os.path.exists(record_file):  # no moment where an old record describes the new structure
+            os.remove(record_file)
         write_atomically(structure, lambda fh: fh.write(data), suffix=".faiss")
         write_atomically(record_file, lambda fh: json.dump({**want, "used": used, "count": len(search),
                                                             "bytes": len(data)}, fh, indent=1),
                          suffix=".json", binary=False)
-    except UserError as err:  # a read-only index folder: the query goes on, the next one builds again
+    except (UserError, OSError) as err:  # a read-only index folder: the query goes on, the next one builds again
         say(f"warning: the {search.engine} structure could not be kept in the index folder, so the next query "
             f"builds it again: {err}")
         return

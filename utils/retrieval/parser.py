@@ -87,8 +87,9 @@ def build_parser():
     q.add_argument("--grid", default=None, help="write a picture of the results here (.png)")
     q.add_argument("--engine", default="exact", choices=("exact", *ENGINES),
                    help="exact (default: every code compared) or an approximate engine for very large "
-                        "indexes: ivf, hnsw or mih. The first query with given build flags builds it "
-                        "over the index's codes and keeps it in the index folder; later ones load it")
+                        "indexes: ivf, hnsw or mih. The first ivf or hnsw query with given build flags "
+                        "builds the structure over the index's codes and keeps it in the index folder; later "
+                        "ones load it (mih builds its tables at every query, in a moment)")
     q.add_argument("--rebuild-engine", action="store_true",
                    help="build the --engine structure again instead of loading the one kept in the index "
                         "folder (e.g. for the default nlist of an index that has grown by --append)")

@@ -144,8 +144,11 @@ def device_kind(device):
 def environment():
     """What besides the flags can move a run's numbers: the torch version, the CPU threads of the
     process (the order of float sums in its kernels), CUDA and cuDNN."""
-    return {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    # Plain str and int: a checkpoint holds nothing else (torch.__version__ is a TorchVersion).
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"torch": str(torch.__version__), "cpu_threads": int(torch.get_num_threads()),
+            "cuda": None if torch.version.cuda is None else str(torch.version.cuda),
+            "cudnn": None if cudnn is None else int(cudnn)}
 
 
 def plain_args(args):

@@ -47,9 +47,20 @@ EPOCH_2_UNDER_WAY = re.compile(r"epoch 2/\d+ train:\s+\d+%\|[^|]*\|\s*[1-9]\d*/"
 
 
 def stop_mid_epoch(cmd, run_dir, sig, twice=False):
-    """Start a run, wait until epoch 2 has taken a step (read from its progress bar, so a fast
-    machine cannot run past the epoch first), signal the whole group; returns (status, out, err)."""
-    proc = start(cmd)
+    """Start a run, wait until epoch 2 has taken a step, signal the whole group; returns
+    (status, out, err)."""
+    def send(proc):
+        os.killpg(proc.pid, sig)
+        if twice:  # a second signal while the first is being handled (the save)
+            time.sleep(0.05)
+            os.killpg(proc.pid, sig)
+
+    return signal_in_epoch_2(start(cmd), run_dir, send)
+
+
+def signal_in_epoch_2(proc, run_dir, send):
+    """Wait until the run of `proc` has taken a step of epoch 2 (read from its progress bar, so a
+    fast machine cannot run past the epoch first), send(proc); returns (status, out, err)."""
     chunks = {"out": [], "err": []}
     readers = [threading.Thread(target=lambda s=stream, k=key: chunks[k].extend(iter(lambda: s.read(256), "")),
                                 daemon=True) for key, stream in (("out", proc.stdout), ("err", proc.stderr))]
@@ -59,10 +70,7 @@ def stop_mid_epoch(cmd, run_dir, sig, twice=False):
     deadline = time.time() + 300
     while not EPOCH_2_UNDER_WAY.search("".join(chunks["err"])) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, sig)
-    if twice:  # a second signal while the first is being handled (the save)
-        time.sleep(0.05)
-        os.killpg(proc.pid, sig)
+    send(proc)
     proc.wait(timeout=300)
     for reader in readers:
         reader.join(timeout=60)
@@ -134,11 +142,9 @@ def test_readme_slurm_script_requeues_at_the_time_limit_and_resumes(data, tmp_pa
                                 env=env, start_new_session=True)
 
     first = sbatch()
-    wait_for(tmp_path / "slurm" / "checkpoint_last.pth", first)
-    time.sleep(1.5)
-    first.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 does: to the batch shell only
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 138, err[-3000:]
+    # What --signal=B:USR1@300 does: SIGUSR1 to the batch shell only.
+    status, out, err = signal_in_epoch_2(first, tmp_path / "slurm", lambda proc: proc.send_signal(signal.SIGUSR1))
+    assert status == 138, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     ckpt = torch.load(tmp_path / "slurm" / "checkpoint_last.pth", weights_only=True)

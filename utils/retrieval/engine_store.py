@@ -21,6 +21,7 @@ import numpy as np
 
 from ..checkpoint import write_atomically
 from ..errors import UserError
+from ..run_state import write_json_atomic
 from .engines import ENGINES
 
 # The flags that shape each kept structure (multi-index hashing is not kept: see attach).
@@ -87,9 +88,7 @@ def keep(search, structure, record_file, want, say):
         if os.path.exists(record_file):  # no moment where an old record describes the new structure
             os.remove(record_file)
         write_atomically(structure, lambda fh: fh.write(data), suffix=".faiss")
-        write_atomically(record_file, lambda fh: json.dump({**want, "used": used, "count": len(search),
-                                                            "bytes": len(data)}, fh, indent=1),
-                         suffix=".json", binary=False)
+        write_json_atomic(record_file, {**want, "used": used, "count": len(search), "bytes": len(data)})
     except (UserError, OSError) as err:  # a read-only index folder: the query goes on, the next one builds again
         say(f"warning: the {search.engine} structure could not be kept in the index folder, so the next query "
             f"builds it again: {err}")

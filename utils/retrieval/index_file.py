@@ -25,6 +25,7 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..errors import UserError
+from ..run_state import write_json_atomic
 from .search import HEADER_BYTES, BinaryIndex, encode_header, read_header
 
 INDEX_FORMAT = "cdne-index"
@@ -124,15 +125,6 @@ def read_index_header(folder):
     return header
 
 
-def write_json_atomic(obj, file):
-    tmp = f"{file}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, file)
-
-
 def grow_npy(file, old_rows, new_rows, dtype):
     """Resize a 1-D .npy file in place to new_rows (numpy leaves room in the header for this)."""
     with open(file, "r+b") as fh:
@@ -214,7 +206,7 @@ class IndexWriter:
         with open(os.path.join(self.folder, "codes.bidx"), "r+b") as fh:
             fh.write(encode_header(codes_header(self.header["bits"], self.total)))
             os.fsync(fh.fileno())
-        write_json_atomic({**self.header, "count": self.total}, os.path.join(self.folder, "header.json"))
+        write_json_atomic(os.path.join(self.folder, "header.json"), {**self.header, "count": self.total})
         if self.folder != self.out:
             old = None
             if os.path.lexists(self.out):

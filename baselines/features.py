@@ -79,10 +79,11 @@ def run_features(method_cls, args):
     test["precision_at_k"] = precision_at_k_curve(q_codes, splits.test.labels.to(args.device_obj), db_codes,
                                                   splits.db.labels.to(args.device_obj))
     config = run_config(args, method_cls.name, splits)
+    env = environment()
     results = {"variant": method_cls.name, "dataset": args.dataset, "run_dir": folder.path, "best_epoch": 0,
                "val": val, "test": test, "args": plain_args(args), "train_seconds": seconds,
-               "device": device_kind(args.device_obj), "world_size": dist.world_size(), "environment": environment(),
-               "environments": [environment()]}
+               "device": device_kind(args.device_obj), "world_size": dist.world_size(), "environment": env,
+               "environments": [env]}
     if dist.is_main():
         state = {"format": ckpt_io.FORMAT, "version": 2, "config": config, "args": plain_args(args), "epoch": 0,
                  "step": 0, "model": model.state_dict(), "best": {"score": val[f"mAP@{args.topk}"], "epoch": 0}}

@@ -27,7 +27,8 @@ def write_atomically(path, write, suffix="", binary=True):
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
-        with os.fdopen(fd, "wb" if binary else "w") as fh:
+        # Text as given (newline=""): csv writes its own line ends, and the rest writes "\n".
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -4,11 +4,16 @@ BinaryIndex, exact and approximate, on random codes.
     python benchmarks/bench_search.py                       # 10^5, 10^6, 10^7 codes x 32, 64, 128 bits
     python benchmarks/bench_search.py --sizes 100000 --bits 64 --queries 200
     python benchmarks/bench_search.py --choose-engine --sizes 1000000 --bits 64   # the exact scans compared
+    python benchmarks/bench_search.py --ivf-ties --sizes 100000 --bits 32 64      # IVF's ties: faiss's or by index
 
 For each size and bit count: build time, one query (median of 11), a batch of --queries queries
 (per query), file size, resident memory added (build; for a loaded BinaryIndex, after load and
 a search), recall@k of the approximate engines against the exact index and their speed-up over
-it. Today's search runs only up to --today-max codes and on --today-queries queries of the
+it. Recall is given two ways: by id (the share of the exact answer's ids returned: a code tied
+with the k-th one but of a higher index counts as a miss, though section 6's rule only picks
+among equals) and by distance (utils/retrieval/search.py recall_by_distance: a result counts when
+its distance, recomputed from the codes, is below the exact k-th one, or at it up to the number
+of exact results there); the second is the one to read. Today's search runs only up to --today-max codes and on --today-queries queries of the
 batch (its float codes and full sort take 32x the memory and minutes beyond); HNSW only up to
 --hnsw-max codes (its build is the slow part). Random codes are the hard case for approximate
 engines (no clusters); trained codes cluster, and recall is higher there.
@@ -28,7 +33,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import print_header  # noqa: E402
-from utils.retrieval.search import exact_search  # noqa: E402
+from utils.retrieval.engines import sort_results  # noqa: E402
+from utils.retrieval.search import exact_search, recall_by_distance  # noqa: E402
 from utils.search import BinaryIndex, hamming_topk  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -57,14 +63,16 @@ def random_codes(n, code_bytes, seed):
     return out
 
 
-def recall(found, exact):
+def id_recall(found, exact):
+    """The share of the exact answer's ids found (the count before recall_by_distance)."""
     return float(np.mean([len(set(a[a >= 0]) & set(b)) / len(b) for a, b in zip(found, exact)]))
 
 
-def row(rows, method, n, bits, build_s, one_ms, batch_ms, file_mb, mem_mb, rec="", speedup="", note=""):
+def row(rows, method, n, bits, build_s, one_ms, batch_ms, file_mb, mem_mb, rec=("", ""), speedup="", note=""):
+    """rec: (recall by id, recall by distance)."""
     rows.append((f"{n:.0e}".replace("+0", ""), bits, method, f"{build_s:.2f}" if build_s != "" else "",
                  f"{one_ms:.2f}", f"{batch_ms:.3f}", f"{file_mb:.1f}" if file_mb != "" else "",
-                 f"{mem_mb:.0f}", rec, speedup, note))
+                 f"{mem_mb:.0f}", *rec, speedup, note))
     print(" | ".join(str(x) for x in rows[-1]), flush=True)
 
 
@@ -135,7 +143,7 @@ def bench_binary_index(db, queries, bits, k, rows, n, tmp, args, today_d, today_
     if not args.engines_only:
         bench_loaded(path, queries, k, rows, n, bits, size)
     os.remove(path)
-    bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_i, t_exact)
+    bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_d, exact_i, t_exact)
 
 
 def bench_loaded(path, queries, k, rows, n, bits, size):
@@ -148,11 +156,11 @@ def bench_loaded(path, queries, k, rows, n, bits, size):
         note=f"{mem_load:.0f} MB resident after load, before the search")
 
 
-def bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_i, t_exact):
-
-    engines = [("ivf", {}), ("ivf", {"nprobe": 64}), ("mih", {})]
+def bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_d, exact_i, t_exact):
+    # "all": nprobe = the built nlist, every list probed (the exact scan's answer: engines.py).
+    engines = [("ivf", {}), ("ivf", {"nprobe": 64}), ("ivf", {"nprobe": "all"}), ("mih", {})]
     if n <= args.hnsw_max:
-        engines.insert(2, ("hnsw", {}))
+        engines.insert(3, ("hnsw", {}))
     engines = [(name, params) for name, params in engines if name in args.engines]
     approx = None
     for engine, params in engines:
@@ -161,7 +169,7 @@ def bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_i, t_exact):
             gc.collect()
         base = rss_mb()
         if approx is not None and approx.engine == engine:  # the same structure, other search parameters
-            approx.set_search_params(**params)
+            approx.set_search_params(**{key: approx.params["nlist"] if v == "all" else v for key, v in params.items()})
             build, mem = "", 0
         else:
             approx = BinaryIndex.from_packed(bits, db, engine, **params)
@@ -174,10 +182,54 @@ def bench_engines(db, queries, bits, k, rows, n, tmp, args, exact_i, t_exact):
         size = os.path.getsize(path) / 2**20
         os.remove(path)
         label = f"BinaryIndex {engine} " + ", ".join(f"{key} {v}" for key, v in approx.params.items())
-        row(rows, label, n, bits, build, one, 1e3 * t / len(queries), size, mem, rec=f"{recall(idx, exact_i):.3f}",
-            speedup=f"{t_exact / t:.1f}x")
+        rec = f"{id_recall(idx, exact_i):.3f}", f"{recall_by_distance(queries, db, idx, exact_d):.3f}"
+        row(rows, label, n, bits, build, one, 1e3 * t / len(queries), size, mem, rec=rec, speedup=f"{t_exact / t:.1f}x")
     approx = None
     gc.collect()
+
+
+def ivf_ties(n, bits, n_queries, k):
+    """What settling IVF's ties by index would cost: on one IVF structure (default nlist) and
+    random codes, at nprobe 16, 64 and nlist, faiss's search as BinaryIndex ran it before (nprobe
+    nlist included), the same settled by index (asked for 2k, then 4 times as many for the rows
+    whose k-th distance reaches the end of the list, as exact_search does), and at nlist the
+    exact scan that BinaryIndex's IVF now runs there; ms per query (the best of three batches),
+    recall by id and by distance."""
+    nb = bits // 8
+    db, queries = random_codes(n, nb, n + bits), random_codes(n_queries, nb, 7)
+    exact_d, exact_i = exact_search(queries, db, k)
+    approx = BinaryIndex.from_packed(bits, db, "ivf")
+    approx.search_packed(queries[:1], k)  # builds the structure
+    faiss_ivf, nlist = approx.approx.index, approx.params["nlist"]
+
+    def faiss_search(wide):
+        d, i = faiss_ivf.search(queries, wide)
+        return sort_results(d.astype(np.int64), i.astype(np.int64))
+
+    def settled():
+        dists, idxs = np.empty((len(queries), k), np.int64), np.empty((len(queries), k), np.int64)
+        rows, wide = np.arange(len(queries)), 2 * k
+        while len(rows):
+            d, i = sort_results(*(a.astype(np.int64) for a in faiss_ivf.search(queries[rows], wide)))
+            spill = (i[:, -1] >= 0) & (d[:, -1] == d[:, k - 1]) if wide < n else np.zeros(len(rows), bool)
+            dists[rows[~spill]], idxs[rows[~spill]] = d[~spill, :k], i[~spill, :k]
+            rows, wide = rows[spill], min(n, 4 * wide)
+        return dists, idxs
+
+    print(f"IVF ties, {n} codes of {bits} bits, nlist {nlist}, {n_queries} queries, k = {k} "
+          f"(ms per query, recall by id, recall by distance):")
+    t_exact = min(timed(lambda: exact_search(queries, db, k))[0] for _ in range(3))
+    print(f"  exact scan                               {1e3 * t_exact / n_queries:9.3f}")
+    for nprobe in (16, 64, nlist):
+        faiss_ivf.nprobe = nprobe
+        cases = [("faiss's ties", lambda: faiss_search(k)), ("ties settled by index", settled)]
+        if nprobe == nlist:
+            approx.set_search_params(nprobe=nlist)
+            cases.append(("exact scan (BinaryIndex ivf now)", lambda: approx.search_packed(queries, k)))
+        for name, fn in cases:
+            t, (_, idx) = min((timed(fn) for _ in range(3)), key=lambda r: r[0])  # the best of three
+            print(f"  nprobe {nprobe:5d}, {name:32s} {1e3 * t / n_queries:9.3f}  {id_recall(idx, exact_i):.3f}  "
+                  f"{recall_by_distance(queries, db, idx, exact_d):.3f}", flush=True)
 
 
 def choose_engine(n, bits, n_queries, k):
@@ -224,14 +276,22 @@ def main():
                    help="only BinaryIndex: exact (the reference of recall) and the approximate engines")
     p.add_argument("--choose-engine", action="store_true",
                    help="only time the candidate exact scans (first --sizes, first --bits, 100 queries)")
+    p.add_argument("--ivf-ties", action="store_true",
+                   help="only time IVF with faiss's ties against ties settled by index (each --sizes x --bits)")
     args = p.parse_args()
     print_header()
     if args.choose_engine:
         return choose_engine(args.sizes[0], args.bits[0], min(args.queries, 100), args.k)
+    if args.ivf_ties:
+        for n in args.sizes:
+            for bits in args.bits:
+                ivf_ties(n, bits, args.queries, args.k)
+        return
     print(f"faiss {faiss.__version__} with {faiss.omp_get_max_threads()} threads, numpy {np.__version__}; "
           f"random codes, k = {args.k}, times in ms per query unless said")
     rows = []
-    print("N | bits | method | build s | 1 query ms | batch ms/query | file MB | memory MB | recall@k | "
+    print("N | bits | method | build s | 1 query ms | batch ms/query | file MB | memory MB | recall@k by id | "
+          "recall@k by distance | "
           "speed-up vs exact | note")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:

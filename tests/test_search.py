@@ -151,10 +151,63 @@ def test_approximate_engines(engine, params, tmp_path):
     assert again.engine == engine and again.params == approx.params
     for got, want in zip(again.search(queries, 50), (dist, idx)):
         np.testing.assert_array_equal(got, want)
-    if engine == "ivf":  # every cluster probed: the exact answer
+    assert search_mod.recall_by_distance(search_mod.pack_codes(queries, 64), exact.codes, idx, ref_dist) > 0.9
+    if engine == "ivf":  # every cluster probed: the exact answer, ids included
         full = BinaryIndex(64, "ivf", nlist=16, nprobe=16)
         full.add(db)
-        np.testing.assert_array_equal(full.search(queries, 50)[0], ref_dist)
+        for got, want in zip(full.search(queries, 50), (ref_dist, ref_idx)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_recall_is_counted_by_distance():
+    """A result tied with the k-th exact one counts; one that took a nearer one's place does not."""
+    db = search_mod.pack_codes(np.array([[1] * 8] * 3 + [[1] * 7 + [-1]] * 3 + [[-1] * 8]), 8)
+    query = db[:1]  # distances 0, 0, 0, 1, 1, 1, 8
+    exact_dist = np.array([[0, 0, 1, 1]])  # the exact top 4: items 0, 1, 3, 4
+    recall = search_mod.recall_by_distance
+
+    def share(*ids):
+        return recall(query, db, np.array([ids]), exact_dist)
+
+    assert share(0, 1, 3, 4) == 1.0
+    assert share(1, 0, 5, 3) == 1.0  # item 5 ties with item 4 at the 4th distance: not a miss
+    assert share(0, 2, 3, 4) == 1.0  # item 2 ties with 0 and 1 below it; any two of them will do
+    # Three results at distance 1 where the answer has two: the third took the place of a missed 0.
+    assert share(0, 3, 4, 5) == 0.75
+    assert share(0, 1, 3, 6) == 0.75  # item 6 lies at distance 8
+    assert share(0, 1, 3, -1) == 0.75  # not found
+    assert share(0, 0, 3, 4) == 0.75  # a repeated id counts once
+    # Distances come from the codes: the query is not asked what the engine said.
+    two = np.concatenate([query, db[6:7]])  # the second query is item 6 itself
+    assert recall(two, db, np.array([[0, 1, 3, 4], [6, 3, 4, 5]]), np.array([[0, 0, 1, 1], [0, 7, 7, 7]])) == 1.0
+    assert recall(two, db, np.array([[0, 1, 3, 4], [6, 0, 1, 2]]), np.array([[0, 0, 1, 1], [0, 7, 7, 7]])) == 0.625
+
+
+def test_ivf_probing_every_list_is_the_exact_engine_with_ties():
+    """Random 24-bit codes tie by the dozen at the 50th distance, where faiss's own scan of every
+    list keeps other ids than section 6's rule: the engine runs the exact scan there instead."""
+    rng = np.random.default_rng(6)
+    db, queries = rng.choice([-1, 1], (5_000, 24)), rng.choice([-1, 1], (40, 24))
+    exact = BinaryIndex(24)
+    exact.add(db)
+    ref_dist, ref_idx = exact.search(queries, 50)
+    ivf = BinaryIndex(24, "ivf", nlist=20, nprobe=4)
+    ivf.add(db)
+    partial = ivf.search(queries, 50)
+    ivf.set_search_params(nprobe=20)
+    for got, want in zip(ivf.search(queries, 50), (ref_dist, ref_idx)):
+        np.testing.assert_array_equal(got, want)
+    packed = search_mod.pack_codes(queries, 24)
+    ivf.approx.index.nprobe = 20  # faiss's own scan of every list: what the engine returned before
+    faiss_dist, faiss_idx = ivf.approx.index.search(packed, 50)
+    np.testing.assert_array_equal(np.sort(faiss_dist, 1), ref_dist)
+    assert (np.sort(faiss_idx, 1) != np.sort(ref_idx, 1)).any(1).sum() >= 10  # other ids among the ties
+    assert search_mod.recall_by_distance(packed, exact.codes, faiss_idx, ref_dist) == 1.0
+    id_recall = np.mean([len(set(a) & set(b)) / 50 for a, b in zip(faiss_idx, ref_idx)])
+    assert id_recall < 0.99
+    # Fewer lists: distances no nearer than the truth, recall below 1, counted the same way.
+    assert (partial[0] >= ref_dist).all()
+    assert 0.2 < search_mod.recall_by_distance(packed, exact.codes, partial[1], ref_dist) < 1.0
 
 
 def header(bits=16):

@@ -9,9 +9,13 @@
           bits / nhash) probed with up to `nflip` flipped bits. Defaults: nhash 4, nflip 2.
 
 Their results are what faiss finds, ordered by (distance, database index), -1 where it found
-fewer than k; recall against the exact index is in docs/benchmarks.md. The structure is built at
-the first search (codes added later are added to it then) and saved with a BinaryIndex file; the
-retrieval command keeps it in the index folder (engine_store.py).
+fewer than k (IVF with nprobe >= nlist runs the exact scan: the exact engine's answer, ids
+included); recall against the exact index, counted by distance (search.recall_by_distance), is
+in docs/benchmarks.md. Below nlist, IVF's choice among codes tied at the k-th distance is faiss's:
+settling it by index changes no result's distance and cost 1.6 to 6 times the search at nprobe
+16 and 64 (`benchmarks/bench_search.py --ivf-ties`, docs/benchmarks.md section 8).
+The structure is built at the first search (codes added later are added to it then) and saved
+with a BinaryIndex file; the retrieval command keeps it in the index folder (engine_store.py).
 """
 import math
 
@@ -111,6 +115,18 @@ class IVF(ApproximateEngine):
         sample = np.random.default_rng(0).choice(len(codes), take, replace=False) if take < len(codes) else None
         index.train(np.ascontiguousarray(codes[np.sort(sample)] if sample is not None else codes))
         return index
+
+    def search(self, queries, codes, k):
+        if k and len(queries):
+            self.sync(codes)
+            if self.params["nprobe"] >= self.index.nlist:
+                # Every list probed makes every code a candidate: that is the exact scan, which
+                # keeps docs/method.md section 6's tie rule, where faiss's scan of the lists keeps
+                # its own choice among codes tied at the k-th distance (other ids than the exact
+                # engine's), in about the same time (0.9-1.4x, docs/benchmarks.md section 8).
+                from .search import exact_search  # here: search.py imports this module
+                return exact_search(queries, codes, k)
+        return super().search(queries, codes, k)
 
     def set_search_params(self, k):
         self.index.nprobe = min(self.params["nprobe"], self.index.nlist)

@@ -10,6 +10,7 @@ import random
 import re
 import shutil
 import tempfile
+import zipfile
 
 import numpy as np
 import torch
@@ -90,10 +91,22 @@ def atomic_duplicate(src, dst):
         raise UserError(write_failure(dst, err)) from None
 
 
-def safe_load(path, what="checkpoint"):
-    """torch.load with weights_only=True; every failure is a one-line UserError."""
+def safe_load(path, what="checkpoint", fix=None):
+    """torch.load with weights_only=True; every failure is a one-line UserError that says what
+    is wrong with the file (empty, truncated, damaged, not a torch file) and what to do:
+    fix(kind) for kind "empty", "truncated", "damaged" or "foreign" (default: pass a file
+    written by this project)."""
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist; pass the path of a checkpoint_*.pth file from a run folder")
+    size = os.path.getsize(path)
+    fix = fix or (lambda kind: f"pass a {what} written by this project")
+
+    def refused(err):
+        kind, words = damage(path, size, what, err)
+        return UserError(f"{what} {path} is {words}; {fix(kind)}")
+
+    if size == 0:  # torch.load raises an EOFError with no message at all: say it ourselves
+        raise refused(None)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -101,16 +114,61 @@ def safe_load(path, what="checkpoint"):
         if found:  # a reference to a function or class: loading it could run code
             raise UserError(f"{path} holds more than tensors and plain data ({found.group(1)}), so it is not "
                             f"loaded (it could run code); use a {what} written by this project") from None
-        raise UserError(f"{path} is not a readable {what} (not a torch file of tensors and plain data); "
-                        f"pass a {what} written by this project") from None
+        raise refused(err) from None
     except Exception as err:  # noqa: BLE001 - truncated zip, not a torch file, ...
-        raise UserError(f"{path} is not a readable {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                        f"pass a {what} written by this project") from None
+        raise refused(err) from None
     return obj
 
 
+def damage(path, size, what, err):
+    """(kind, words) for a file of `size` bytes that torch.load refused with `err`: torch's own
+    messages run to several sentences about zip internals and say nothing for an empty file."""
+    if size == 0:
+        return "empty", "empty: 0 bytes, as a full disk or an interrupted copy leaves"
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # torch.save writes a zip archive, whose directory is at the very end: a cut file loses it.
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return "truncated", (f"truncated: {size:,} bytes with the end of the file missing, as a full disk or "
+                             "an interrupted copy leaves")
+    if head == b"PK\x03\x04":
+        return "damaged", f"damaged: a whole zip archive of {size:,} bytes that torch cannot read ({first_sentence(err)})"
+    if head == b"\x80\x02\x8a\x0a":  # torch's older format: a pickle stream that opens with torch's magic number
+        return "truncated", (f"truncated or damaged: {size:,} bytes of a torch file in the older format that "
+                             "torch cannot read to the end, as a full disk or an interrupted copy leaves")
+    return "foreign", f"not a readable {what}: {size:,} bytes that are not a torch file of tensors and plain data"
+
+
+def first_sentence(err):
+    """The first sentence of an exception's message, whole, or its type when it has none."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text.split('. ')[0]}" if text else type(err).__name__
+
+
+def checkpoint_fix(path):
+    """fix(kind) for safe_load: a checkpoint that is not a torch file at all was the wrong file;
+    one that is cut or damaged can be replaced by its run folder's other checkpoint when that
+    is a whole file (and not the same file through a hard link), else the run starts again."""
+    def fix(kind):
+        if kind == "foreign":
+            return "pass a checkpoint_last.pth or checkpoint_best.pth from a run folder"
+        folder, name = os.path.split(path)
+        # The last checkpoint first, unless it is the one refused: then the best, a hard link to
+        # the last when they were the same epoch (the samefile test) or an older epoch's.
+        for other, holds in (("checkpoint_last.pth", "the last epoch saved"),
+                             ("checkpoint_best.pth", "the best epoch, which may be older than the last")):
+            sibling = os.path.join(folder, other)
+            if other != name and os.path.isfile(sibling) and not os.path.samefile(sibling, path) \
+                    and zipfile.is_zipfile(sibling):
+                return (f"{sibling} in the same folder is a whole file: pass it instead if it is intact (it holds "
+                        f"{holds}), or start the run again under another --name")
+        return ("copy it again from where it was written if it is whole there, or start the run again under "
+                "another --name")
+    return fix
+
+
 def load_checkpoint(path):
-    ckpt = safe_load(path)
+    ckpt = safe_load(path, fix=checkpoint_fix(path))
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a CDNE checkpoint; pass a checkpoint_last.pth or checkpoint_best.pth "
                         "from a run folder")

@@ -79,7 +79,7 @@ def run_features(method_cls, args):
     test["precision_at_k"] = precision_at_k_curve(q_codes, splits.test.labels.to(args.device_obj), db_codes,
                                                   splits.db.labels.to(args.device_obj))
     config = run_config(args, method_cls.name, splits)
-    env = environment()
+    env = environment(args.device_obj, None, args.model)  # full precision: no autocast dtype
     results = {"variant": method_cls.name, "dataset": args.dataset, "run_dir": folder.path, "best_epoch": 0,
                "val": val, "test": test, "args": plain_args(args), "train_seconds": seconds,
                "device": device_kind(args.device_obj), "world_size": dist.world_size(), "environment": env,

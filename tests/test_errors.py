@@ -2,6 +2,7 @@
 and no checkpoint is ever lost."""
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -254,7 +255,8 @@ def test_sigint_saves_a_resumable_checkpoint(tmp_path):
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "Traceback" not in err and "stopped by SIGINT" in out
-    assert f"continue with: python {os.path.relpath(MB)} --resume {last}" in out  # the whole command
+    # The whole command, with this interpreter by its path (a bare python may not be the venv's).
+    assert f"continue with: {sys.executable} {os.path.relpath(MB)} --resume {last}" in out
     ckpt = torch.load(last, weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step"] > 0  # mid-epoch
     done = subprocess.run(cmd + ["--resume", str(last)], capture_output=True, text=True, timeout=300)
@@ -304,7 +306,7 @@ def test_a_failed_checkpoint_write_says_how_to_go_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ckpt_io.tempfile, "mkstemp", full_disk)
     with pytest.raises(UserError, match=r"No space left on device.*free some space and try again; then continue the "
-                                        r"run with: python \S*train_MB/main.py --resume \S*checkpoint_last.pth$"):
+                                        r"run with: " + re.escape(sys.executable) + r" \S*train_MB/main.py --resume \S*checkpoint_last.pth$"):
         run.save(dict(state, epoch=2), best=True)
     monkeypatch.undo()
     assert [torch.load(p, weights_only=True)["epoch"] for p in (run.last, run.best)] == [1, 1]

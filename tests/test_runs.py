@@ -272,7 +272,7 @@ def test_another_methods_checkpoint_is_refused_first_naming_its_script(first_epo
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert status == 2 and len(lines) == 1 and "nothing to do" not in out, (out, err)
     assert f"was made by {os.path.relpath(MB)} (MB), not by this script (MU)" in lines[0]
-    assert f"continue it with: python {os.path.relpath(MB)} --resume {last}" in lines[0]
+    assert f"continue it with: {sys.executable} {os.path.relpath(MB)} --resume {last}" in lines[0]
     assert last.read_bytes() == before
 
 
@@ -322,3 +322,32 @@ def test_test_pictures_are_logged_at_the_epoch_step(tmp_path):
     assert {step for _, _, _, step in calls} == {7}
     hist = [value for name, tag, value, _ in calls if tag == "test/bit_fraction_ones"]
     assert len(hist) == 1 and hist[0].tolist() == [1.0, 0.25, 0.25]
+
+
+def test_a_run_records_the_pipeline_that_ran_and_its_environment(first_epoch):
+    """--pipeline auto is recorded as resolved (pil on a CPU) in args.json, the checkpoints and results.json,
+    with no weights file (weights_sha256 None), and the environment the table compares."""
+    records = [json.loads((first_epoch / "args.json").read_text()),
+               torch.load(first_epoch / "checkpoint_last.pth", weights_only=True)["args"],
+               json.loads((first_epoch / "results.json").read_text())["args"]]
+    assert [(r["pipeline"], r["weights_sha256"]) for r in records] == [("pil", None)] * 3
+    env = json.loads((first_epoch / "results.json").read_text())["environment"]
+    assert env["device"] == "cpu" and env["world_size"] == 1 and env["amp_dtype"] is None and env["cpu_threads"] == 1
+    assert torch.load(first_epoch / "checkpoint_last.pth", weights_only=True)["environments"] == [env]
+
+
+def test_a_weights_file_is_recorded_by_its_sha256(tiny_root, tmp_path):
+    import hashlib
+
+    import torchvision
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    proc = script(os.path.join(REPO, "baselines", "main.py"), "--method", "lsh", "--data", tiny_root, "--dataset",
+                  "digits", "--weights", str(weights), "--img-size", "16", "--dim", "8", "-b", "32", "--num_workers",
+                  "0", "--device", "cpu", "--out", str(tmp_path), "--name", "lsh")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    run = tmp_path / "lsh"
+    records = [json.loads((run / "args.json").read_text()), json.loads((run / "results.json").read_text())["args"],
+               torch.load(run / "checkpoint_last.pth", weights_only=True)["args"]]
+    assert [r["weights_sha256"] for r in records] == [digest] * 3 and records[0]["weights"] == str(weights)

@@ -2,10 +2,13 @@
 (network, method state, optimiser, schedule, progress, best score, every rank's RNG states),
 and a fingerprint of the method's shared state from every rank."""
 import argparse
+import functools
+import hashlib
 import json
 import os
 import shlex
 import shutil
+import sys
 import time
 
 import torch
@@ -102,9 +105,15 @@ def script_of(variant):
     return " ".join([shlex.quote(os.path.relpath(os.path.join(REPO_ROOT, script)))] + flags)
 
 
+def interpreter():
+    """The running interpreter by its absolute path, shell-quoted: a printed command works outside an
+    activated virtual environment too (a bare `python` may be another one, or none)."""
+    return shlex.quote(os.path.abspath(sys.executable))
+
+
 def resume_command(variant, checkpoint):
     """The full command line that continues a run of `variant` from `checkpoint`."""
-    return f"python {script_of(variant)} --resume {shlex.quote(checkpoint)}"
+    return f"{interpreter()} {script_of(variant)} --resume {shlex.quote(checkpoint)}"
 
 
 def check_variant(ckpt, variant, path):
@@ -141,14 +150,62 @@ def device_kind(device):
     return device.type
 
 
-def environment():
+def environment(device=None, amp_dtype=None, model=None):
     """What besides the flags can move a run's numbers: the torch version, the CPU threads of the
-    process (the order of float sums in its kernels), CUDA and cuDNN."""
+    process (the order of float sums in its kernels), CUDA and cuDNN, the device type it computed
+    on, the processes (DDP: BatchNorm sees each rank's slice), the autocast dtype that --amp gave
+    (bfloat16 or float16, chosen by the GPU) and, for a timm backbone, timm's version (its model
+    code and its default pretrained tag). The table compares these with the cells' environment
+    (utils/table_cells.py environment_difference)."""
     # Plain str and int: a checkpoint holds nothing else (torch.__version__ is a TorchVersion).
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    return {"torch": str(torch.__version__), "cpu_threads": int(torch.get_num_threads()),
-            "cuda": None if torch.version.cuda is None else str(torch.version.cuda),
-            "cudnn": None if cudnn is None else int(cudnn)}
+    env = {"torch": str(torch.__version__), "cpu_threads": int(torch.get_num_threads()),
+           "cuda": None if torch.version.cuda is None else str(torch.version.cuda),
+           "cudnn": None if cudnn is None else int(cudnn),
+           "device": None if device is None else str(device.type), "world_size": int(dist.world_size()),
+           "amp_dtype": None if amp_dtype is None else str(amp_dtype).replace("torch.", "")}
+    if model is not None and uses_timm(model):
+        env["timm"] = package_version("timm")
+    return env
+
+
+def uses_timm(model):
+    from .backbones import TORCHVISION_NAMES
+    return model not in TORCHVISION_NAMES
+
+
+def package_version(name):
+    from importlib import metadata
+    try:
+        return str(metadata.version(name))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def file_sha256(path):
+    """The sha256 (hex) of a file, read once per file and state: cached by its path, size and
+    modification time, so a table of many cells with one --weights file reads it once, and a
+    file overwritten since is read again."""
+    st = os.stat(path)
+    return _file_sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path, size, mtime_ns):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(weights):
+    """What identifies --weights by content: the sha256 of a file; None for no file and for
+    torchgeo:ENUM (identified by its name: its download is checked against the hash torch.hub
+    verifies) and for a path that is not a file (the backbone's loader says so in one line)."""
+    if not weights or weights.startswith("torchgeo:") or not os.path.isfile(weights):
+        return None
+    return file_sha256(weights)
 
 
 def plain_args(args):
@@ -244,7 +301,7 @@ def restore(trainer, ckpt, path):
     trainer.epoch, trainer.step_in_epoch = ckpt["epoch"], ckpt["step"]
     trainer.epoch_sums, trainer.best = ckpt["epoch_sums"], ckpt["best"]
     trainer.train_seconds = ckpt.get("train_seconds", 0.0)  # older checkpoints did not count
-    now = environment()
+    now = environment(trainer.device, trainer.amp_dtype, trainer.args.model)
     earlier = list(ckpt.get("environments", []))  # older checkpoints did not record them
     trainer.environments = earlier + ([now] if now not in earlier else [])
     rng = ckpt["rng"]

@@ -20,7 +20,7 @@ from .flags import build_parser, check_amp, check_args, seed_everything, select_
 from .method import StepBatch
 from .models import network_for
 from .run_state import (RunFolder, check_variant, device_kind, environment, plain_args, restore, resume_args, resume_command,
-                        run_config, training_state, write_json_atomic)
+                        run_config, training_state, weights_sha256, write_json_atomic)
 from .splits import Splits
 from .stop_signals import StopRequested, StopSignals, all_ranks_finite
 
@@ -63,7 +63,8 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.epoch_sums = 0, 0, {}
         self.best = {"score": float("-inf"), "epoch": -1, "metrics": None}
         self.train_seconds = 0.0  # training time of all epochs so far, resumed parts included (the run's cost)
-        self.environments = [environment()]  # every distinct one the run's parts ran under (resumes add theirs)
+        # Every distinct environment the run's parts ran under (resumes add theirs).
+        self.environments = [environment(self.device, self.amp_dtype, args.model)]
         self.stop = StopSignals()
         self.run = RunFolder(args, method_cls.name)
         if resume is not None:
@@ -229,7 +230,8 @@ class Trainer:
         return {"variant": self.config["variant"], "dataset": self.args.dataset, "run_dir": self.run.path,
                 "best_epoch": best_info["epoch"], "val": best_info["metrics"], "test": test,
                 "args": plain_args(self.args), "train_seconds": self.train_seconds,
-                "device": device_kind(device), "world_size": dist.world_size(), "environment": environment(),
+                "device": device_kind(device), "world_size": dist.world_size(),
+                "environment": environment(device, self.amp_dtype, self.args.model),
                 "environments": self.environments}
 
 
@@ -257,6 +259,10 @@ def run(method_cls, description, argv=None, script=None, add_flags=None, train=N
                       + ("" if train is not None else " (pass a larger --epochs to train on)"))
             return 0
         check_args(args)
+        if resume is None:
+            # --weights by content, not by path (the table compares this): a file overwritten with other
+            # weights is another run. A resumed run keeps the hash it recorded: it loads its own weights.
+            args.weights_sha256 = weights_sha256(args.weights)
         args.device_obj = select_device(args.device)
         check_amp(args, args.device_obj)
         dist.init(args.device_obj.type)

@@ -364,3 +364,37 @@ def test_cells_at_once_without_a_thread_count_are_warned_about(monkeypatch, caps
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     warn_oversubscribed(2, None, cores=4)
     assert capsys.readouterr().err == ""
+
+
+def test_the_bar_counts_every_running_cell(tmp_path, capsys):
+    """Issue 21: with two at once the bar said "1 running" most of the time: it was drawn between a cell's
+    end and the start of the next (into a file, only then)."""
+    import re
+
+    jobs, shared = cells(tmp_path, 6, wave=2)
+    failures, _ = run_jobs(jobs, jobs_at_once=2, refresh=3600)  # drawn only when cells end or start
+    assert failures == []
+    states = [tuple(map(int, m)) for m in re.findall(r"(\d+) done, (\d+) running, (\d+) left", capsys.readouterr().err)]
+    assert states and states[-1] == (6, 0, 0)
+    assert all(running == 2 for done, running, left in states if left), states
+    assert (2, 2, 2) in states  # after the first wave, before the second ends
+
+
+def test_slurm_args_takes_a_value_that_starts_with_dashes_and_warns_of_what_is_missing(tmp_path, capsys):
+    from utils import table
+
+    job = Job("c", [sys.executable, "x.py", "--resume", "auto"], str(tmp_path), str(tmp_path / "log.txt"))
+    args, _ = table.parse_args(["--slurm", str(tmp_path / "s"), "--slurm-args", "--time=01:00:00 -p gpu"])
+    assert args.slurm_args == "--time=01:00:00 -p gpu"
+    assert table.parse_args(["--slurm-arg", "--gres=gpu:1"])[0].slurm_args == "--gres=gpu:1"  # as argparse abbreviates
+    write_sbatch(str(tmp_path / "slurm"), [job], sbatch_args=args.slurm_args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: --slurm-args gives no GPU request (--gres=gpu:N or --gpus): the tasks get the "
+                   "partition's defaults, which may be a short limit or no GPU (a cell without one trains on the CPU "
+                   "under --device auto); add e.g. --slurm-args=\"--gres=gpu:1\" (or ignore this for CPU cells)"]
+    assert "#SBATCH -p gpu" in open(tmp_path / "slurm" / "table.sbatch").read()
+    write_sbatch(str(tmp_path / "slurm"), [job])
+    assert "gives no time limit (--time) and no GPU request" in capsys.readouterr().err
+    for given in ("-t 04:00:00 --gres=gpu:1", "--time=4:00:00 --gpus=1", "-t04:00:00 -G1", "--time=1 --gpus-per-node=2"):
+        write_sbatch(str(tmp_path / "slurm"), [job], sbatch_args=given)
+        assert capsys.readouterr().err == "", given

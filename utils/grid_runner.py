@@ -144,9 +144,13 @@ class _Grid:
         last = 0.0
         try:
             while self.running or (self.pending and self.stop is None):
-                self.start_cells()
+                # Reap before starting and draw after both: a bar drawn between a cell's end and the start of
+                # the next on its place showed one cell fewer running (into a file, where it is drawn only on
+                # such changes, "1 running" of two most of the time).
+                ended = self.reap()
+                started = self.start_cells()
                 self.pass_stop_on()
-                if self.reap() or time.monotonic() - last >= self.refresh:
+                if ended or started or time.monotonic() - last >= self.refresh:
                     self.draw()
                     last = time.monotonic()
                 time.sleep(0.1)
@@ -156,6 +160,8 @@ class _Grid:
         return self.failures, self.stop
 
     def start_cells(self):
+        """Start cells while places are free; how many started (or failed to start)."""
+        started = 0
         while self.pending and self.free and self.stop is None:
             job, place = self.pending.pop(0), self.free.pop(0)
             try:
@@ -165,10 +171,13 @@ class _Grid:
                     log.write(f"could not start: {err}\n")
                 self.free.append(place)
                 self.failed(job, 127, [f"could not start: {err}"])
+                started += 1  # the bar changes too
                 continue
             self.running.append(_Child(job, place, proc))
+            started += 1
             where = "" if place is None else f" on GPU {place}"
             self.tqdm.write(f"started {job.label}{where}; output in {job.log}")
+        return started
 
     def pass_stop_on(self):
         if self.stop is None:

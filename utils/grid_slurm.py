@@ -7,6 +7,7 @@ itself. utils.grid_runner.write_sbatch is this module's write_sbatch; it submits
 import os
 import re
 import shlex
+import sys
 
 from utils.errors import UserError
 
@@ -84,6 +85,25 @@ def sbatch_lines(sbatch_args):
     return own + [line for line in lines if line not in (signal_flag, name_flag)]
 
 
+def missing_requests(lines):
+    """What the #SBATCH lines leave to the partition's defaults of a time limit and a GPU request, as a
+    one-line warning ("" when both are given): a default limit may stop every task early, and a task
+    given no GPU trains on the CPU under --device auto."""
+    flags = [re.split(r"[ =]", line, 1)[0] for line in lines]
+    short = [f[:2] for f in flags if not f.startswith("--")]  # -t04:00:00 and -G1 as sbatch reads them
+    no_time = not ("--time" in flags or "-t" in short)
+    gres = [line for line, f in zip(lines, flags) if f == "--gres" and "gpu" in line]
+    no_gpu = not (gres or "-G" in short or any(f == "--gpus" or f.startswith("--gpus-per-") for f in flags))
+    if not (no_time or no_gpu):
+        return ""
+    what = " and ".join(w for w, missing in (("no time limit (--time)", no_time),
+                                             ("no GPU request (--gres=gpu:N or --gpus)", no_gpu)) if missing)
+    example = " ".join(x for x, missing in (("--time=04:00:00", no_time), ("--gres=gpu:1", no_gpu)) if missing)
+    return (f"warning: --slurm-args gives {what}: the tasks get the partition's defaults, which may be a short "
+            f"limit or no GPU (a cell without one trains on the CPU under --device auto); add e.g. "
+            f"--slurm-args=\"{example}\" (or ignore this for CPU cells)")
+
+
 def write_sbatch(slurm_dir, jobs, max_running=None, sbatch_args=""):
     """DIR/table.sbatch: an array job with one task per job; submits nothing. Returns its path."""
     jobs = list(jobs)
@@ -104,7 +124,11 @@ def write_sbatch(slurm_dir, jobs, max_running=None, sbatch_args=""):
     script = os.path.join(slurm_dir, "table.sbatch")
     array = f"0-{len(jobs) - 1}" + (f"%{max_running}" if max_running else "")
     output = os.path.join(slurm_dir, "logs", "%A_%a.out").replace("%", "%%").replace("%%A_%%a", "%A_%a")
-    flags = [f"--array={array}", f"--output={output}"] + sbatch_lines(sbatch_args)
+    given = sbatch_lines(sbatch_args)
+    warning = missing_requests(given)
+    if warning:
+        print(warning, file=sys.stderr)
+    flags = [f"--array={array}", f"--output={output}"] + given
     text = _SBATCH_HEAD.format(script=script, repo=shlex.quote(REPO), sbatch="\n".join(f"#SBATCH {f}" for f in flags))
     for i, job in enumerate(jobs):
         text += (f"    {i}) label={shlex.quote(job.label)}; log={shlex.quote(os.path.abspath(job.log))}\n"

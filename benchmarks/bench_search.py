@@ -7,16 +7,17 @@ BinaryIndex, exact and approximate, on random codes.
     python benchmarks/bench_search.py --ivf-ties --sizes 100000 --bits 32 64      # IVF's ties: faiss's or by index
 
 For each size and bit count: build time, one query (median of 11), a batch of --queries queries
-(per query), file size, resident memory added (build; for a loaded BinaryIndex, after load and
-a search), recall@k of the approximate engines against the exact index and their speed-up over
-it. Recall is given two ways: by id (the share of the exact answer's ids returned: a code tied
-with the k-th one but of a higher index counts as a miss, though section 6's rule only picks
-among equals) and by distance (utils/retrieval/search.py recall_by_distance: a result counts when
-its distance, recomputed from the codes, is below the exact k-th one, or at it up to the number
-of exact results there); the second is the one to read. Today's search runs only up to --today-max codes and on --today-queries queries of the
-batch (its float codes and full sort take 32x the memory and minutes beyond); HNSW only up to
---hnsw-max codes (its build is the slow part). Random codes are the hard case for approximate
-engines (no clusters); trained codes cluster, and recall is higher there.
+(per query), file size, resident memory added (build; for a loaded BinaryIndex, after load and a
+search), recall@k of the approximate engines against the exact index and their speed-up over it.
+Recall is given two ways: by id (the share of the exact answer's ids returned: a code tied with
+the k-th one but of a higher index counts as a miss, though docs/method.md section 6 only picks
+among equals) and by distance (utils/retrieval/search.py recall_by_distance: a result counts when its
+distance, recomputed from the codes, is below the exact k-th one, or at it up to the number of
+exact results there); the second is the one to read. Today's search runs only up to --today-max
+codes and on --today-queries queries of the batch (its float codes and full sort take 32x the
+memory and minutes beyond); HNSW only up to --hnsw-max codes (its build is the slow part).
+Random codes are the hard case for approximate engines (no clusters); trained codes cluster, and
+recall is higher there.
 """
 import argparse
 import gc

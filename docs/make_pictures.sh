@@ -25,7 +25,7 @@ fi
 
 # 2. Index the database (the train split).
 "$PY" -m utils.retrieve index --checkpoint "$WORK/demo/checkpoint_best.pth" --dataset digits \
-    --data "$DATA" --out "$WORK/digits.index"
+    --data "$DATA" --out "$WORK/digits.index" --overwrite
 
 # 3. Queries: the first test-split image of classes 0, 2, 3, 5, 7 and 8 (docs/method.md section 1).
 mapfile -t QUERIES < <("$PY" - "$DATA" <<'EOF'

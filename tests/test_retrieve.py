@@ -2,6 +2,7 @@
 
 Two short training runs (16 and 8 bits) serve every test; checkpoints with other weights,
 moved run folders and old indexes are made from them by editing copies."""
+import errno
 import json
 import os
 import re
@@ -369,7 +370,8 @@ def test_append_and_unwritable_outputs(trained, split_index, tmp_path, capsys):
     assert_user_error(code, err, f"--append: index {index} was built with other weights")
     old = old_format_copy(split_index, tmp_path / "old.index")
     code, _, err = call(capsys, "index", "--checkpoint", best, "--folder", str(folder), "--out", old, "--append")
-    assert_user_error(code, err, "an index file of an older version cannot grow", "rebuild it without --append")
+    assert_user_error(code, err, "an index file of an older version cannot grow",
+                      "rebuild it with --overwrite instead of --append")
     assert len(load_index(str(index))) == n + 3 and len(load_index(old)) == n
 
     # Every output is checked before anything is encoded: one line, exit 2, nothing written.
@@ -434,3 +436,122 @@ def test_two_processes_write_the_index_of_one(trained, split_index, tmp_path, mo
     assert len(load_index(out)) == len(train_split)
     for name in ("codes.bidx", "labels.npy", "paths.txt", "path_offsets.npy", "header.json"):
         assert open(os.path.join(out, name), "rb").read() == open(os.path.join(split_index, name), "rb").read(), name
+
+
+def folder_bytes(folder):
+    """Every file of an index folder, name -> bytes (to show it was left as it was)."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def images(folder, count, shade=0):
+    folder.mkdir(exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (16, 16), (i * 60, shade, 10)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_an_existing_index_is_replaced_or_grown_only_when_asked(trained, split_index, tmp_path, capsys):
+    _, run_a, _ = trained
+    best = os.path.join(run_a, "checkpoint_best.pth")
+    index = tmp_path / "db.index"
+    shutil.copytree(split_index, index)
+    n, before = len(load_index(str(index))), folder_bytes(index)
+    folder = images(tmp_path / "more", 3)
+    code, out, err = call(capsys, "index", "--checkpoint", best, "--out", str(index), "--num_workers", "0")
+    assert_user_error(code, err, f"--out {index} is an existing index ({n} images); pass --overwrite to replace it "
+                      "(kept until the new index is whole), --append to add the images to it, or a new path")
+    assert "encode" not in out + err and folder_bytes(index) == before
+    for flags, message in ((["--append", "--overwrite"], "--append adds to the index at --out and --overwrite "
+                            "replaces it; pass one of them"),
+                           (["--allow-duplicates"], "--allow-duplicates is for --append")):
+        code, _, err = call(capsys, "index", "--checkpoint", best, "--folder", str(folder), "--out", str(index),
+                            *flags)
+        assert_user_error(code, err, message)
+    assert folder_bytes(index) == before
+    old = old_format_copy(split_index, tmp_path / "old.index")
+    code, _, err = call(capsys, "index", "--checkpoint", best, "--folder", str(folder), "--out", old)
+    assert_user_error(code, err, f"--out {old} is an existing file; pass --overwrite")
+
+    # --overwrite: the new index in place of the old one, nothing else left beside it.
+    code, out, _ = call(capsys, "index", "--checkpoint", best, "--folder", str(folder), "--out", str(index),
+                        "--overwrite", "--num_workers", "0")
+    assert code == 0
+    assert out.splitlines()[-1] == (f"indexed 3 images of {folder} into {index} (3 images, 16-bit codes); it "
+                                    f"replaced the index ({n} images) that was there")
+    replaced = load_index(str(index))
+    assert len(replaced) == 3 and [replaced.paths[j] for j in range(3)] == [str(folder / f"{i}.png") for i in range(3)]
+    assert not [name for name in os.listdir(tmp_path) if ".partial" in name or ".old-" in name]
+    code, out, _ = call(capsys, "index", "--checkpoint", best, "--folder", str(folder), "--out", old, "--overwrite",
+                        "--num_workers", "0")
+    assert code == 0 and out.endswith("it replaced the file that was there\n") and len(load_index(old)) == 3
+
+    # Appending images the index holds (the same path) is refused, naming how many and the first.
+    images(folder, 5)  # 0-2 again (rewritten: the path is what counts), 3 and 4 new
+    after = folder_bytes(index)
+    code, out, err = call(capsys, "index", "--checkpoint", best, "--folder", str(folder), "--out", str(index),
+                          "--append", "--num_workers", "0")
+    assert_user_error(code, err, f"--append: 3 of the 5 images are already in index {index} (the same path), the "
+                      f"first {folder / '0.png'}; leave them out, or pass --allow-duplicates to add them again")
+    assert folder_bytes(index) == after
+    code, out, _ = call(capsys, "index", "--checkpoint", best, "--folder", str(folder), "--out", str(index),
+                        "--append", "--allow-duplicates", "--num_workers", "0")
+    assert code == 0 and f"appended 5 images of {folder} to {index} (8 images" in out
+    grown = load_index(str(index))
+    assert [grown.paths[j] for j in range(8)] == [str(folder / f"{i}.png") for i in (0, 1, 2, 0, 1, 2, 3, 4)]
+    assert np.array_equal(np.asarray(grown.search.codes[:3]), np.asarray(grown.search.codes[3:6]))
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def on_a_terminal(text):
+    """What a terminal shows of stderr: each line from its last carriage return (the progress bar,
+    left=False, is erased before the error line)."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def test_a_failed_index_write_is_one_line_and_loses_nothing(trained, split_index, tmp_path, capsys, monkeypatch):
+    """A full disk while `index` writes: one line (utils/checkpoint.py's wording), exit 2, and the
+    index at --out as it was: a new one's partial folder removed, an existing one byte for byte."""
+    from utils.retrieval import build, index_file
+
+    _, run_a, _ = trained
+    best = os.path.join(run_a, "checkpoint_best.pth")
+    folder = images(tmp_path / "more", 3, shade=200)
+    real_encode = build.encode_into
+
+    def encode_then_fail(rows, *args, **kwargs):  # the disk fills after the first rows are written
+        real_encode(rows, *args, **kwargs)
+        no_space()
+
+    def index(out, *flags):
+        return call(capsys, "index", "--checkpoint", best, "--folder", str(folder), "--out", str(out),
+                    "--num_workers", "0", *flags)
+
+    # A new index: nothing left behind, not even its partial folder.
+    fresh = tmp_path / "fresh.index"
+    for target, fail in ((build, "encode_into"), (index_file.os, "posix_fallocate"), (index_file.np, "save")):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, fail, encode_then_fail if fail == "encode_into" else no_space)
+            code, _, err = index(fresh)
+        assert_user_error(code, on_a_terminal(err), f"cannot write {fresh} (No space left on device, ", " MiB free there); nothing "
+                          "was written; free some space and try again")
+        assert not os.path.lexists(fresh) and not os.path.lexists(f"{fresh}.partial"), fail
+
+    # An existing index, replaced (--overwrite) or appended to, fails at each step: it keeps its bytes.
+    kept = tmp_path / "kept.index"
+    shutil.copytree(split_index, kept)
+    before = folder_bytes(kept)
+    for flag, target, fail in (("--overwrite", build, "encode_into"), ("--append", build, "encode_into"),
+                               ("--append", index_file.os, "posix_fallocate"), ("--append", index_file.os, "fsync")):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, fail, encode_then_fail if fail == "encode_into" else no_space)
+            code, _, err = index(kept, flag)
+        assert_user_error(code, on_a_terminal(err), f"cannot write {kept} (No space left on device, ", "the previous file is kept; "
+                          "free some space and try again")
+        assert folder_bytes(kept) == before, (flag, fail)
+        assert not [name for name in os.listdir(tmp_path) if ".partial" in name or ".old-" in name]
+    # The same command on a disk with room: the images are appended (nothing half-done in the way).
+    code, out, _ = index(kept, "--append")
+    assert code == 0 and f"({len(load_index(split_index)) + 3} images" in out

@@ -3,7 +3,6 @@ file as they come (memory bounded by a batch, whatever the number of images); un
 each process encodes a contiguous share and writes its own rows of the same file, so the index
 is the one a single process would write (the folder must be on a filesystem all ranks see)."""
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -11,8 +10,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import distributed as dist
+from ..checkpoint import write_failure
 from ..errors import UserError
-from .index_file import CODE_KEYS, IndexWriter, read_index_header
+from .index_file import CODE_KEYS, IndexWriter, indexed_among, read_index_header
 from .network import ImageFiles, transform_of
 
 
@@ -47,7 +47,7 @@ def check_append(out, header, loaded):
     """The header of the index at `out` when the images may be added to it, else a one-line refusal."""
     if not os.path.isdir(out):
         raise UserError(f"--append: {out} is not an index folder of this version (an index file of an older "
-                        f"version cannot grow); rebuild it without --append, then append")
+                        f"version cannot grow); rebuild it with --overwrite instead of --append, then append")
     existing = read_index_header(out)
     if existing.get("weights_sha256") != loaded.fingerprint:
         raise UserError(f"--append: index {out} was built with other weights ({existing.get('checkpoint')}) than "
@@ -61,35 +61,57 @@ def check_append(out, header, loaded):
     return {**existing, "classes": existing.get("classes") or header["classes"]}
 
 
-def write_index(out, loaded, checkpoint, paths, labels, classes, device, batch_size, num_workers, append=False):
-    """Encode `paths` into the index folder `out` (a new one, or appended to); returns its count."""
+def check_duplicates(out, header, paths):
+    """Refuse images the index at `out` already holds (by absolute path): appending a split twice
+    would rank every one of its images twice."""
+    again = indexed_among(out, header["count"], paths)
+    if again:
+        raise UserError(f"--append: {len(again)} of the {len(paths)} images are already in index {out} (the same "
+                        f"path), the first {again[0]}; leave them out, or pass --allow-duplicates to add them again")
+
+
+def write_index(out, loaded, checkpoint, paths, labels, classes, device, batch_size, num_workers, append=False,
+                allow_duplicates=False):
+    """Encode `paths` into the index folder `out` (a new one, which replaces any index there only
+    once whole, or appended to); returns its count. A failed write (a full disk, a folder gone) is
+    one line, with the index at `out` as it was and a new one's partial folder removed."""
     if not paths:
         raise UserError("there are no images to index")
     header = index_header(loaded, checkpoint, classes)
     appending = append and os.path.exists(out)
     if appending:
         header = check_append(out, header, loaded)
-    writer = None
-    if dist.is_main():
-        writer = (IndexWriter.extend if appending else IndexWriter.create)(out, header, paths, labels)
-    # The other processes open the rows rank 0 laid out: they need its folder and first row.
-    layout = torch.tensor([writer.start if writer else 0], dtype=torch.long, device=device)
-    first_row = int(dist.broadcast(layout, 0).item())
-    if writer is None:
-        folder = out if appending else out.rstrip("/") + ".partial"
-        writer = IndexWriter(out, folder, header, first_row, first_row + len(paths))
-    dist.barrier()
-    start, stop = share(len(paths))
+        if not allow_duplicates:
+            check_duplicates(out, header, paths)
     try:
+        return encode_and_write(out, header, loaded, paths, labels, device, batch_size, num_workers, appending)
+    except OSError as err:
+        raise UserError(write_failure(out, err)) from None
+
+
+def encode_and_write(out, header, loaded, paths, labels, device, batch_size, num_workers, appending):
+    writer, finished = None, False
+    try:
+        if dist.is_main():
+            writer = (IndexWriter.extend if appending else IndexWriter.create)(out, header, paths, labels)
+        # The other processes open the rows rank 0 laid out: they need its folder and first row.
+        layout = torch.tensor([writer.start if writer else 0], dtype=torch.long, device=device)
+        first_row = int(dist.broadcast(layout, 0).item())
+        if writer is None:
+            folder = out if appending else out.rstrip("/") + ".partial"
+            writer = IndexWriter(out, folder, header, first_row, first_row + len(paths))
+        dist.barrier()
+        start, stop = share(len(paths))
         rows = writer.open_rows()[start:stop]
         encode_into(rows, loaded, paths[start:stop], device, batch_size, num_workers, "encode")
         del rows
         dist.barrier()
         if dist.is_main():
             writer.finish()
+            finished = True
     except BaseException:
-        if dist.is_main() and not appending:  # an index already at `out` is left as it was
-            shutil.rmtree(writer.folder, ignore_errors=True)
+        if dist.is_main() and writer is not None and not finished:  # the index at `out` is left as it was
+            writer.abandon()
         raise
     dist.barrier()
     return writer.total

@@ -14,7 +14,7 @@ from .build import write_index
 from .engine_store import BUILD_FLAGS, attach, engine_params
 from .index_file import check_compatible, check_weights, load_index
 from .network import Loaded, encode_files
-from .outputs import check_index_out, check_writable
+from .outputs import check_index_out, check_writable, existing
 from .parser import ENGINE_FLAGS, build_parser
 from .search import BinaryIndex
 
@@ -95,7 +95,13 @@ def say(*args, **kwargs):
 # ----------------------------------------------------------------------------- commands
 
 def cmd_index(args, device):
-    check_index_out(args.out, args.append)
+    if args.append and args.overwrite:
+        raise UserError("--append adds to the index at --out and --overwrite replaces it; pass one of them")
+    if args.allow_duplicates and not args.append:
+        raise UserError("--allow-duplicates is for --append (images the index already holds); add --append or "
+                        "leave it out")
+    check_index_out(args.out, args.append, args.overwrite)
+    replaced = existing(args.out) if args.overwrite and os.path.lexists(args.out) else None
     loaded = Loaded(args.checkpoint, device)
     if args.folder:
         paths, labels, classes = list_folder(args.folder), None, None
@@ -107,10 +113,11 @@ def cmd_index(args, device):
         paths, labels, classes = [p for p, _ in ds.samples], ds.labels.numpy(), ds.classes
     appending = args.append and os.path.exists(args.out)
     total = write_index(args.out, loaded, args.checkpoint, paths, labels, classes, device, args.batch_size,
-                        args.num_workers, append=args.append)
+                        args.num_workers, append=args.append, allow_duplicates=args.allow_duplicates)
     what = f"the {args.split} split of {args.dataset}" if not args.folder else args.folder
     verb = f"appended {len(paths)} images of {what} to" if appending else f"indexed {len(paths)} images of {what} into"
-    say(f"{verb} {args.out} ({total} images, {loaded.config['dim']}-bit codes)")
+    also = f"; it replaced {replaced.replace('an existing', 'the', 1)} that was there" if replaced else ""
+    say(f"{verb} {args.out} ({total} images, {loaded.config['dim']}-bit codes){also}")
 
 
 def describe(args, taken):

@@ -10,10 +10,12 @@ An index (version 3) is a folder that opens larger than memory:
     NAME.index/path_offsets.npy   int64 byte offset of each line, so that a path is read alone
 
 It is written as the codes come: a new index in NAME.index.partial, renamed into place at the
-end; an appended part after the last row, header.json (whose count is the truth) rewritten last,
-so an interrupted append leaves the index as it was. Version-1 and -2 indexes (one torch.save
-file) still open, in memory, for queries.
+end (a replaced index, `--overwrite`, stays whole until then); an appended part after the last
+row, header.json (whose count is the truth) rewritten last, so an interrupted append leaves the
+index as it was, and a failed one (a full disk) is cut back to its old bytes (`abandon`).
+Version-1 and -2 indexes (one torch.save file) still open, in memory, for queries.
 """
+import errno
 import hashlib
 import json
 import os
@@ -118,15 +120,29 @@ def read_index_header(folder):
             header = json.load(fh)
     except (OSError, ValueError) as err:
         raise UserError(f"{folder} is not a readable index folder ({file}: {err}); rebuild it with "
-                        f"`{BUILD_HINT} {folder}`") from None
+                        f"`{BUILD_HINT} {folder} --overwrite`") from None
     if header.get("format") != INDEX_FORMAT or header.get("version") != INDEX_VERSION:
         raise UserError(f"{folder} is not an index folder of this version (format {header.get('format')!r}, "
-                        f"version {header.get('version')!r}); rebuild it with `{BUILD_HINT} {folder}`")
+                        f"version {header.get('version')!r}); rebuild it with `{BUILD_HINT} {folder} --overwrite`")
     return header
 
 
+def reserve(fh, start, stop):
+    """Allocate bytes [start, stop) of an open file now. Rows are written through memory maps, and
+    a page of a map that a full disk cannot back kills the process (SIGBUS, checked on a full
+    tmpfs) instead of raising; allocated here, the same disk raises ENOSPC before any encoding."""
+    if stop > start and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fh.fileno(), start, stop - start)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # EINVAL, EOPNOTSUPP: a filesystem that cannot allocate ahead; its writes find out later
+
+
 def grow_npy(file, old_rows, new_rows, dtype):
-    """Resize a 1-D .npy file in place to new_rows (numpy leaves room in the header for this)."""
+    """Resize a 1-D .npy file in place to new_rows (numpy leaves room in the header for this);
+    the added rows are allocated (reserve)."""
     with open(file, "r+b") as fh:
         np.lib.format.read_magic(fh)
         np.lib.format.read_array_header_1_0(fh)
@@ -137,6 +153,7 @@ def grow_npy(file, old_rows, new_rows, dtype):
         if fh.tell() != header_len:
             raise RuntimeError(f"{file}: the .npy header cannot grow in place")
         fh.truncate(header_len + new_rows * np.dtype(dtype).itemsize)
+        reserve(fh, header_len + old_rows * np.dtype(dtype).itemsize, header_len + new_rows * np.dtype(dtype).itemsize)
     return np.lib.format.open_memmap(file, mode="r+")
 
 
@@ -151,22 +168,30 @@ class IndexWriter:
     @classmethod
     def create(cls, out, header, paths, labels):
         folder = out.rstrip("/") + ".partial"
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder)
         header = {"format": INDEX_FORMAT, "version": INDEX_VERSION, **header, "count": 0}
-        with open(os.path.join(folder, "codes.bidx"), "wb") as fh:
-            fh.write(encode_header(codes_header(header["bits"], 0)))
-        np.save(os.path.join(folder, "labels.npy"), np.zeros(0, np.int64))
-        np.save(os.path.join(folder, "path_offsets.npy"), np.zeros(1, np.int64))
-        open(os.path.join(folder, "paths.txt"), "wb").close()
         writer = cls(out, folder, header, 0, len(paths))
-        writer.lay_out(paths, labels)
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+            with open(os.path.join(folder, "codes.bidx"), "wb") as fh:
+                fh.write(encode_header(codes_header(header["bits"], 0)))
+            np.save(os.path.join(folder, "labels.npy"), np.zeros(0, np.int64))
+            np.save(os.path.join(folder, "path_offsets.npy"), np.zeros(1, np.int64))
+            open(os.path.join(folder, "paths.txt"), "wb").close()
+            writer.lay_out(paths, labels)
+        except BaseException:
+            writer.abandon()
+            raise
         return writer
 
     @classmethod
     def extend(cls, out, header, paths, labels):
         writer = cls(out, out, header, header["count"], header["count"] + len(paths))
-        writer.lay_out(paths, labels)
+        try:
+            writer.lay_out(paths, labels)
+        except BaseException:
+            writer.abandon()
+            raise
         return writer
 
     def lay_out(self, paths, labels):
@@ -191,6 +216,28 @@ class IndexWriter:
         code_bytes = (self.header["bits"] + 7) // 8
         with open(os.path.join(folder, "codes.bidx"), "r+b") as fh:
             fh.truncate(HEADER_BYTES + n_new * code_bytes)
+            reserve(fh, HEADER_BYTES + n_old * code_bytes, HEADER_BYTES + n_new * code_bytes)
+
+    def abandon(self):
+        """Undo an unfinished write (the main process, after a failure): a new index's folder is
+        removed; an extended one is cut back to the rows it had, its files the bytes they were
+        (their header.json was never rewritten), which gives a full disk back the room taken."""
+        if self.folder != self.out:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return
+        folder, rows = self.folder, self.start
+        try:
+            offsets = os.path.join(folder, "path_offsets.npy")
+            end = int(np.load(offsets, mmap_mode="r")[rows])
+            with open(os.path.join(folder, "codes.bidx"), "r+b") as fh:  # finish() may have counted the rows
+                fh.write(encode_header(codes_header(self.header["bits"], rows)))
+                fh.truncate(HEADER_BYTES + rows * ((self.header["bits"] + 7) // 8))
+            with open(os.path.join(folder, "paths.txt"), "r+b") as fh:
+                fh.truncate(end)
+            for name, kept in (("path_offsets.npy", rows + 1), ("labels.npy", rows)):
+                grow_npy(os.path.join(folder, name), kept, kept, np.int64)  # its map is dropped at once
+        except OSError:
+            pass  # the count in header.json is still the old one: the index reads as it was
 
     def open_rows(self):
         """The codes of the new rows, (n, bits / 8) uint8 mapped for writing (each process its part)."""
@@ -209,12 +256,35 @@ class IndexWriter:
         write_json_atomic(os.path.join(self.folder, "header.json"), {**self.header, "count": self.total})
         if self.folder != self.out:
             old = None
-            if os.path.lexists(self.out):
+            if os.path.lexists(self.out):  # rename cannot replace a folder that holds files: the old one steps aside
                 old = self.out.rstrip("/") + f".old-{os.getpid()}"
                 os.replace(self.out, old)
-            os.replace(self.folder, self.out)
-            if old:
-                shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+            try:
+                os.replace(self.folder, self.out)
+            except BaseException:
+                if old:
+                    os.replace(old, self.out)  # the old index back in its place
+                raise
+            if old:  # the new index is in place: failing to delete the old one loses nothing
+                if os.path.isdir(old):
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    try:
+                        os.remove(old)
+                    except OSError:
+                        pass
+
+
+def indexed_among(folder, count, paths):
+    """The paths (as given) whose absolute path is among the first `count` of an index folder's,
+    read line by line: memory for the new paths only, whatever the index's size."""
+    wanted = {(os.path.abspath(path) + "\n").encode(): path for path in paths}
+    found = set()
+    with open(os.path.join(folder, "paths.txt"), "rb") as fh:
+        for _, line in zip(range(count), fh):
+            if line in wanted:
+                found.add(wanted[line])
+    return [path for path in paths if path in found]
 
 
 def codes_header(bits, count):

@@ -3,6 +3,7 @@
     python -m utils.retrieve index    --checkpoint runs/X/checkpoint_best.pth --out ucm.index
     python -m utils.retrieve index    --checkpoint runs/X/checkpoint_best.pth --folder my_images/ --out mine.index
     python -m utils.retrieve index    --checkpoint runs/X/checkpoint_best.pth --folder more/ --out mine.index --append
+    python -m utils.retrieve index    --checkpoint runs/Y/checkpoint_best.pth --out ucm.index --overwrite
     python -m utils.retrieve query    --index ucm.index path/to/image.tif [more images] --topk 10 --grid grid.png
     python -m utils.retrieve query    --index ucm.index path/to/image.tif --exclude-self --json results.json
     python -m utils.retrieve query    --index ucm.index path/to/image.tif --engine ivf --nprobe 32
@@ -14,7 +15,8 @@ the checkpoint was trained with unless --dataset, --data or --imgEXT say otherwi
 
 An index is a folder of packed codes (bits / 8 bytes each, memory-mapped when queried), labels
 where known, image paths, the checkpoint's configuration and a fingerprint of its weights (a
-query or an --append with a checkpoint of other weights is refused); see
+query or an --append with a checkpoint of other weights is refused, and so is an --out that
+holds an index without --append or --overwrite); see
 utils/retrieval/index_file.py. Queries are exact (ascending Hamming distance, ties by database
 index) unless --engine names an approximate one, whose structure the first query builds and
 keeps in the index folder for the next (utils/retrieval/engine_store.py). Every output path is
@@ -73,8 +75,13 @@ def build_parser():
     q.add_argument("--folder", default=None, help="index every image under this folder instead")
     q.add_argument("--out", required=True, help="index to write (a folder, e.g. digits.index)")
     q.add_argument("--append", action="store_true",
-                   help="add the images to the index at --out (built with the same weights) instead of "
-                        "replacing it; creates it when there is none")
+                   help="add the images to the index at --out (built with the same weights); creates it when "
+                        "there is none. Images it already holds (the same path) are refused")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace the index at --out (without it, an existing index is refused); the old one "
+                        "stays until the new one is written whole")
+    q.add_argument("--allow-duplicates", action="store_true",
+                   help="with --append: add images the index already holds (the same path) again")
     q = sub.add_parser("query", help="the top-k database images of one or more image files")
     common(q, checkpoint_required=False)
     q.add_argument("--index", required=True, help="an index written by `python -m utils.retrieve index`")

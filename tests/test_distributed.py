@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -105,23 +106,28 @@ class TinyHashingNet(nn.Module):
         return f, F.normalize(f, dim=1), self.fc2(f)
 
 
+def train_set():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(NUM_TRAIN, 3, 4, 4, generator=g) * 2, torch.arange(NUM_TRAIN) % CLASSES
+
+
 def method_classes():
     from baselines.dhcnn import DHCNN
     from baselines.dpsh import DPSH
     from baselines.triplet import Triplet
 
-    return {"dpsh": DPSH, "triplet": Triplet, "dhcnn": DHCNN, "cdne_mb": load_script("train_MB").MemoryBankCDNE}
+    return {"dpsh": DPSH, "triplet": Triplet, "dhcnn": DHCNN, "cdne_mb": load_script("train_MB").MemoryBankCDNE,
+            "cdne_mu": load_script("train").MemoryUnitCDNE}
 
 
 def two_steps(method_cls, rows):
     """The trainer's step (utils.trainer.Trainer.train_step, DDP-wrapped under a process group)
     twice from a fixed state; rows(step) = this process's rows of that step's global batch.
-    Returns each step's gradients and parameters after it, and the method's state."""
+    Returns each step's gradients and parameters after it, and the method's state after the two
+    steps and before them."""
     from utils.trainer import Trainer
 
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(NUM_TRAIN, 3, 4, 4, generator=g) * 2
-    labels = torch.arange(NUM_TRAIN) % CLASSES
+    images, labels = train_set()
     parser = argparse.ArgumentParser()
     method_cls.add_arguments(parser)
     args = parser.parse_args([])
@@ -140,13 +146,14 @@ def two_steps(method_cls, rows):
     trainer.optimizer = torch.optim.SGD([p for _, p in trained], lr=0.5, momentum=0.9, nesterov=True,
                                         weight_decay=5e-4)
     trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
     out = []
     for step in range(len(STEPS)):
         idx = torch.tensor(rows(step))
         trainer.train_step({"img": images[idx], "label": labels[idx], "idx": idx})
         out.append({"grad": {n: p.grad.clone() for n, p in trained},
                     "param": {n: p.detach().clone() for n, p in trained}})
-    return {"steps": out, "state": {k: v.clone() for k, v in trainer.method.state_dict().items()}}
+    return {"steps": out, "state": {k: v.clone() for k, v in trainer.method.state_dict().items()}, "before": before}
 
 
 def rank_rows(rank):
@@ -158,6 +165,7 @@ def two_rank_worker(rank, port, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         results = {name: two_steps(cls, rank_rows(rank)) for name, cls in method_classes().items()}
+        results["mu_keys_with_bn"] = mu_key_targets(rank_rows(rank))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -185,11 +193,18 @@ def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
 
 
-def test_two_ranks_train_as_one_process_holding_the_global_batch(tmp_path):
-    """For every trained method of baselines/ (and CDNE(MB)): on 2 gloo ranks, the gradient
-    reaching every parameter and the parameters after each of two steps equal those of one
-    process with the whole global batch; DPSH's U (read in step 2) is the same too."""
-    ranks = run_two_ranks(tmp_path)
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """The 2-rank worker's results (every method's two steps, MU's keys with BatchNorm), run once."""
+    return run_two_ranks(tmp_path_factory.mktemp("ranks"))
+
+
+def test_two_ranks_train_as_one_process_holding_the_global_batch(ranks):
+    """For every trained method (DPSH, Triplet, DHCNN, CDNE(MB), CDNE(MU)): on 2 gloo ranks, the
+    gradient reaching every parameter and the parameters after each of two steps equal those of
+    one process with the whole global batch; so do the method's state after them: DPSH's U,
+    CDNE(MB)'s memory bank, CDNE(MU)'s memory unit and key encoder (every row of the memories is
+    written in step 1 or 2, and step 2's loss reads step 1's rows)."""
     for name, cls in method_classes().items():
         single = two_steps(cls, lambda step: STEPS[step][0])
         for step, expected in enumerate(single["steps"]):
@@ -201,4 +216,81 @@ def test_two_ranks_train_as_one_process_holding_the_global_batch(tmp_path):
                         assert err < 1e-5, f"{name} step {step + 1} rank {rank} {kind} of {param}: rel. error {err:.2e}"
         for key, ref in single["state"].items():
             for rank in range(2):
-                torch.testing.assert_close(ranks[rank][name]["state"][key], ref, rtol=1e-5, atol=1e-6, msg=key)
+                got = ranks[rank][name]["state"][key]
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=key)
+                if key.startswith("key_encoder."):
+                    # The key encoder moves by (1 - 0.999) of the network's steps: compared by how
+                    # far it moved, which the values themselves would hide under rtol.
+                    start = single["before"][key]
+                    assert (ref - start).abs().sum() > 0, (name, key)
+                    err = relative_error(got - start, ref - start)
+                    assert err < 1e-5, f"{name} rank {rank} {key} moved otherwise: rel. error {err:.2e}"
+                elif key.startswith("memory."):
+                    assert not torch.equal(ref, single["before"][key]), key  # written
+                    err = relative_error(got, ref)
+                    assert err < 1e-5, f"{name} rank {rank} {key}: rel. error {err:.2e}"
+
+
+# ------------------------------------------------- CDNE(MU)'s shuffled BN on 2 ranks
+
+class TinyBNNet(TinyHashingNet):
+    """TinyHashingNet with a BatchNorm layer: what shuffled BN is about."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 32), nn.BatchNorm1d(32), nn.Tanh())
+
+
+def mu_key_targets(rows):
+    """CDNE(MU)'s key embeddings of the two steps' global batches (memory_targets, what the memory
+    unit is written with) from a key encoder with BatchNorm; rows(step) as in two_steps."""
+    from utils.method import StepBatch
+
+    mu = load_script("train").MemoryUnitCDNE
+    images, labels = train_set()
+    parser = argparse.ArgumentParser()
+    mu.add_arguments(parser)
+    args = parser.parse_args([])
+    args.dim = BITS
+    torch.manual_seed(0)
+    method = mu(args, TinyBNNet(), labels)
+    out = []
+    for step in range(len(STEPS)):
+        idx = torch.tensor(rows(step))
+        unused = torch.zeros(len(idx), BITS)  # memory_targets reads the images only
+        batch = StepBatch(images[idx], labels[idx], idx, unused, unused, unused, nullcontext)
+        torch.manual_seed(100 + step)  # the shuffle's draw (rank 0's is broadcast)
+        out.append(method.memory_targets(batch))
+    return out
+
+
+def keys_of_slices(step, sizes):
+    """What shuffled BN computes, written out in one process: the global batch in the shuffled
+    order, cut into the ranks' slices (`sizes`), each through the key encoder with its own batch
+    statistics, back in the batch's order."""
+    images, _ = train_set()
+    torch.manual_seed(0)
+    key = TinyBNNet().train()  # the key encoder is the network's copy; BatchNorm on batch statistics
+    x = images[torch.tensor(STEPS[step][0])]
+    torch.manual_seed(100 + step)
+    perm = torch.randperm(len(x))
+    with torch.no_grad():
+        k = torch.cat([key(part)[1] for part in x[perm].split(sizes)])
+    return k[torch.argsort(perm)]
+
+
+def test_mu_shuffled_bn_on_two_ranks_is_batchnorm_over_each_ranks_slice_of_the_shuffled_batch(ranks):
+    """With BatchNorm the key embeddings cannot equal one process's: under DDP each rank's BN
+    normalises its own slice of the shuffled global batch (that is what shuffled BN is for, as in
+    MoCo), where one process normalises the whole batch. What holds: both ranks write the same
+    rows, and they are exactly those of the shuffled batch cut into the ranks' slices."""
+    whole = mu_key_targets(lambda step: STEPS[step][0])  # one process: BN over the whole global batch
+    for step, (ids, cut) in enumerate(STEPS):
+        expected = keys_of_slices(step, [cut, len(ids) - cut])
+        on_rank = [ranks[r]["mu_keys_with_bn"][step] for r in range(2)]
+        assert torch.equal(on_rank[0], on_rank[1])  # the memories stay identical
+        err = relative_error(on_rank[0], expected)
+        assert err < 1e-5, f"step {step + 1}: 2-rank keys against the per-slice BN: rel. error {err:.2e}"
+        # One process's keys are another computation (BatchNorm over 8 rows, not 4 or 5 and 3).
+        assert relative_error(whole[step], keys_of_slices(step, [len(ids)])) < 1e-5
+        assert relative_error(on_rank[0], whole[step]) > 0.05

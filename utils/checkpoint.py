@@ -132,7 +132,8 @@ def damage(path, size, what, err):
         return "truncated", (f"truncated: {size:,} bytes with the end of the file missing, as a full disk or "
                              "an interrupted copy leaves")
     if head == b"PK\x03\x04":
-        return "damaged", f"damaged: a whole zip archive of {size:,} bytes that torch cannot read ({first_sentence(err)})"
+        return "damaged", (f"damaged: a whole zip archive of {size:,} bytes that torch cannot read "
+                           f"({first_sentence(err)})")
     if head == b"\x80\x02\x8a\x0a":  # torch's older format: a pickle stream that opens with torch's magic number
         return "truncated", (f"truncated or damaged: {size:,} bytes of a torch file in the older format that "
                              "torch cannot read to the end, as a full disk or an interrupted copy leaves")

@@ -34,11 +34,19 @@ def recorded_args(method, dataset, bits, seed, extra=()):
         argv = ["--method", method]
     args = vars(parser.parse_args(argv + ["--dataset", dataset, "--dim", str(bits), "--seed", str(seed), *extra]))
     args["imgEXT"] = image_extension(dataset, args["imgEXT"])
+    if args["pipeline"] == "auto":  # runs record the pipeline that auto chose: pil on a CPU
+        args["pipeline"] = "pil"
     return args
 
 
+def cpu_environment(threads=None):
+    """What a CPU cell started here now records as its environment (one process, this torch)."""
+    env = table_cells.cell_environment({"device": "cpu", "model": "resnet18"})
+    return env if threads is None else dict(env, cpu_threads=threads)
+
+
 def write_run(root, name, variant, dataset, dim, seed, map100, args=None, val=None, seconds=None, curves=False,
-              environment=None):
+              environment=None, world_size=None):
     """A finished run folder as the scripts leave it (results.json only)."""
     folder = os.path.join(root, name)
     os.makedirs(folder)
@@ -53,6 +61,8 @@ def write_run(root, name, variant, dataset, dim, seed, map100, args=None, val=No
         result.update(train_seconds=seconds, device="cpu", world_size=1)
     if environment is not None:
         result["environment"] = environment
+    if world_size is not None:
+        result["world_size"] = world_size
     with open(os.path.join(folder, "results.json"), "w") as fh:
         json.dump(result, fh)
     return folder
@@ -150,20 +160,49 @@ def test_collect_never_averages_runs_made_with_other_flags(tmp_path, capsys):
     assert f"| CDNE(MB) [epochs=130] | 85.00 ± {statistics.stdev([80.0, 90.0]):.2f} (n=2) |" in md
 
 
-def test_seeds_run_under_other_thread_counts_are_averaged_with_a_warning(tmp_path, capsys):
+def test_collect_keeps_runs_of_other_environments_in_rows_of_their_own(tmp_path, capsys):
     root = str(tmp_path / "runs")
     env = {"torch": "2.14.1", "cpu_threads": 1, "cuda": None, "cudnn": None}
-    args = [recorded_args("mb", "digits", 16, seed) for seed in range(3)]
+    args = [recorded_args("mb", "digits", 16, seed) for seed in range(4)]
     write_run(root, "s0", "MB", "digits", 16, 0, 0.50, args=args[0], environment=env)
     write_run(root, "s1", "MB", "digits", 16, 1, 0.60, args=args[1], environment=dict(env, cpu_threads=2))
+    write_run(root, "s3", "MB", "digits", 16, 3, 0.40, args=args[3], environment=env)
     write_run(root, "s2", "MB", "digits", 16, 2, 0.70, args=args[2])  # from before runs recorded it
     assert table.main(["--collect", root]) == 0
-    line = "CDNE(MB) on digits at 16 bits: its runs differ in cpu_threads 1; cpu_threads 2, so its spread is not only the seeds'"
+    md = open(os.path.join(root, "table.md")).read()
+    assert "| CDNE(MB) [cpu_threads=1, torch=2.14.1] | 45.00 ± 7.07 (n=2) |" in md
+    assert "| CDNE(MB) [cpu_threads=2, torch=2.14.1] | 60.00 |" in md
+    assert "| CDNE(MB) [cpu_threads=?, torch=?] | 70.00 |" in md  # unknown is not taken for the same
+    assert "warning" not in capsys.readouterr().err  # no row mixes environments
+
+
+def test_collect_never_averages_runs_that_differ_only_in_world_size(tmp_path, capsys):
+    """Issue 21, case 3: two results.json differing only in world_size (1 and 2)."""
+    root = str(tmp_path / "runs")
+    env = cpu_environment(1)
+    del env["world_size"]  # as runs recorded it before the environment held it: results.json's world_size alone
+    for seed, world, value in ((0, 1, 0.50), (1, 2, 0.70)):
+        write_run(root, f"s{seed}", "MB", "digits", 16, seed, value, seconds=5.0, world_size=world, environment=env,
+                  args=recorded_args("mb", "digits", 16, seed))
+    assert table.main(["--collect", root]) == 0
+    md = open(os.path.join(root, "table.md")).read()
+    assert "| CDNE(MB) [world_size=1] | 50.00 |" in md and "| CDNE(MB) [world_size=2] | 70.00 |" in md
+    assert "n=2" not in md
+
+
+def test_seeds_whose_resumed_parts_ran_under_other_thread_counts_are_warned_about(tmp_path, capsys):
+    root = str(tmp_path / "runs")
+    env = cpu_environment(1)
+    folder = write_run(root, "s0", "MB", "digits", 16, 0, 0.50, seconds=3.0, args=recorded_args("mb", "digits", 16, 0))
+    record = json.load(open(os.path.join(folder, "results.json")))
+    record["environments"] = [dict(env, cpu_threads=2), env]  # resumed under another thread count
+    json.dump(record, open(os.path.join(folder, "results.json"), "w"))
+    assert table.main(["--collect", root]) == 0
+    line = ("CDNE(MB) on digits at 16 bits: its runs differ in cpu_threads 1; cpu_threads 2, so its spread is not "
+            "only the seeds'")
     assert f"warning: {line}" in capsys.readouterr().err
     md = open(os.path.join(root, "table.md")).read()
-    assert "| CDNE(MB) | 60.00 ± 10.00 (n=3) |" in md and f"Note: {line}." in md
-    assert table.main(["--collect", root, "--seeds", "0", "2"]) == 0  # one environment recorded: no warning
-    assert "warning" not in capsys.readouterr().err
+    assert "| CDNE(MB) | 50.00 |" in md and f"Note: {line}." in md
 
 
 def test_print_commands_lists_only_unfinished_cells_and_runs_nothing(tmp_path, capsys):
@@ -195,7 +234,7 @@ def test_a_stale_cell_stops_the_table_before_anything_runs(tmp_path, capsys, no_
     out = str(tmp_path / "out")
     made = recorded_args("mb", "digits", 8, 0, ["--epochs", "3", "--lr", "0.01", "--img-size", "16"])
     folder = write_run(out, "digits/mb_8bit_seed0", "MB", "digits", 8, 0, 0.5, args=made)
-    write_run(out, "digits/mb_8bit_seed1", "MB", "digits", 8, 1, 0.5,
+    write_run(out, "digits/mb_8bit_seed1", "MB", "digits", 8, 1, 0.5, environment=cpu_environment(),
               args=recorded_args("mb", "digits", 8, 1, ["--epochs", "3", "--img-size", "32", "--device", "cuda"]))
     before = sorted(os.walk(out))
     with pytest.raises(SystemExit) as exc:
@@ -358,7 +397,8 @@ if __name__ == "__main__":
     os.makedirs(folder, exist_ok=True)
     m = {"mAP@100": args.dim / 100}
     json.dump({"variant": "DHCNN", "dataset": args.dataset, "best_epoch": 0, "val": m, "test": m,
-               "args": vars(args)}, open(folder + "/results.json", "w"))
+               "args": vars(args), "environment": json.loads(os.environ["FAKE_ENVIRONMENT"])},
+              open(folder + "/results.json", "w"))
 """
 
 
@@ -369,6 +409,7 @@ def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch, c
     fake_parser = {}
     exec(compile(FAKE, str(fake), "exec"), fake_parser)
     monkeypatch.setattr(table_cells, "script_parser", lambda method: fake_parser["parser"]())
+    monkeypatch.setenv("FAKE_ENVIRONMENT", json.dumps(cpu_environment()))  # what a real run records
     out = str(tmp_path / "out")
     code = table.main(["--dataset", "fake", "--bits", "8", "16", "--methods", "dhcnn", "--seeds", "0", "1",
                        "--out", out])
@@ -418,9 +459,22 @@ def test_real_runs_finish_are_skipped_then_trained_on_with_more_epochs(tiny_root
     assert ckpt["environments"] == [record["environment"]]
     ckpt["environments"] = [dict(record["environment"], cpu_threads=2)]
     ckpt_io.atomic_save(ckpt, last)  # replaced, not written in place: checkpoint_best.pth may be a link to it
-    assert table.main(grid + FAST + ["--epochs", "2"]) == 0
+    with pytest.raises(SystemExit) as exc:  # its cell here would run under 1 thread: refused before anything runs
+        table.main(grid + FAST + ["--epochs", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err == [
+        f"error: cell digits mb_8bit_seed0 ({folder}) ran in another environment than a cell here would get: "
+        "cpu_threads 2 (now 1); run it again with --rerun-stale (the old folder is kept as <folder>.stale-<time>), "
+        "take it as it is with --accept-environment, or pass a new --out"]
+    assert json.load(open(results)) == record
+    assert table.main(["--accept-environment"] + grid + FAST + ["--epochs", "2"]) == 0
     longer = capsys.readouterr()
+    assert (f"warning: cell digits mb_8bit_seed0 ({folder}) ran in another environment than a cell here would get: "
+            "cpu_threads 2 (now 1); taken with --accept-environment (marked in table.md)") in longer.err
     assert "resuming digits mb_8bit_seed0: --epochs 2 asked, the run has 1" in longer.out, longer.out + longer.err
+    md = open(os.path.join(out, "table.md")).read()
+    assert "| CDNE(MB) | " in md and " † |" in md
+    assert "Note: † CDNE(MB) on digits at 8 bits: accepted with --accept-environment: seed 0 ran in another" in md
     assert "resumed from" in open(os.path.join(folder, "log.txt")).read()
     record2 = json.load(open(results))
     assert record2["args"]["epochs"] == 2 and record2["train_seconds"] > record["train_seconds"]
@@ -441,7 +495,7 @@ def test_real_runs_finish_are_skipped_then_trained_on_with_more_epochs(tiny_root
     assert table_cells.assess(cell, out, copy, extra).state == "finished"
     shutil.copy(os.path.join(copy, "digits", "3", os.listdir(os.path.join(copy, "digits", "3"))[0]),
                 os.path.join(copy, "digits", "3", "extra.png"))
-    table_cells.current_split_sha256.cache_clear()
+    table_cells.current_split.cache_clear()
     found = table_cells.assess(cell, out, copy, extra)
     assert found.state == "stale" and "the split now (the 70/10/20 split of " in found.reason
 
@@ -450,3 +504,281 @@ def current_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Issue 21: a cell is what its run computed with (the pipeline, the weights' content, the environment),
+# and the flags after -- are read as the scripts read them.
+
+DHCNN_CELL = ["--dataset", "digits", "--bits", "16", "--methods", "dhcnn"]
+DHCNN_FLAGS = ["--no-pretrained", "--img-size", "16", "--epochs", "2", "--lr", "0.001"]
+
+
+def dhcnn_run(out, extra=(), environment=None, **kw):
+    """A finished DHCNN cell at 16 bits (2 epochs, lr 0.001, 16 px) as a CPU run records it."""
+    args = recorded_args("dhcnn", "digits", 16, 0, [*DHCNN_FLAGS, *extra])
+    args.update(kw)
+    return write_run(out, "digits/dhcnn_16bit_seed0", "DHCNN", "digits", 16, 0, 0.6136, args=args, seconds=4.0,
+                     world_size=1, environment=cpu_environment() if environment is None else environment)
+
+
+def test_a_run_made_with_the_cached_pipeline_is_not_the_auto_cell_on_a_cpu(tmp_path, capsys, no_runs):
+    """Issue 21, case 1: made with --pipeline cached; the same table command without --pipeline runs pil here."""
+    out = str(tmp_path / "out")
+    folder = dhcnn_run(out, ["--pipeline", "cached"])
+    with pytest.raises(SystemExit) as exc:
+        table.main([*DHCNN_CELL, "--out", out, "--", *DHCNN_FLAGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err == [
+        f"error: cell digits dhcnn_16bit_seed0 ({folder}) is not the run asked for: --pipeline auto runs pil here "
+        "(the Pillow pipeline on cpu; the cached one pays on GPUs), the run ran cached; run it again with "
+        "--rerun-stale (the old folder is kept as <folder>.stale-<time>) or pass a new --out"]
+    # Asked for as it ran, it is the cell; asked for pil, it is not.
+    assert table.main([*DHCNN_CELL, "--out", out, "--report", str(tmp_path / "r"), "--", *DHCNN_FLAGS,
+                       "--pipeline", "cached"]) == 0
+    assert "skipped digits dhcnn_16bit_seed0: finished" in capsys.readouterr().out
+    found = table_cells.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=[*DHCNN_FLAGS, "--pipeline", "pil"])
+    assert found.state == "stale" and found.reason == "--pipeline 'pil' asked, the run's 'cached'"
+    # Commands run elsewhere (--print-commands, --slurm): auto is the node's choice, the run's is taken.
+    assert table.main([*DHCNN_CELL, "--out", out, "--print-commands", "--", *DHCNN_FLAGS]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and "note: the cells' commands run elsewhere" in captured.err
+
+
+@pytest.mark.parametrize("recorded, device, state, words", [
+    ("pil", "cpu", "finished", ""),
+    ("auto", "cpu", "finished", ""),   # no run of these scripts records auto; off CUDA it can only have been pil
+    ("auto", "cuda (NVIDIA H100)", "stale", "the run recorded --pipeline 'auto', not the pipeline it ran"),
+])
+def test_a_run_that_recorded_auto_counts_as_pil_only_where_nothing_else_can_have_run(tmp_path, recorded, device,
+                                                                                     state, words):
+    out = str(tmp_path / "out")
+    folder = dhcnn_run(out, pipeline=recorded)
+    record = json.load(open(os.path.join(folder, "results.json")))
+    record["device"] = device
+    json.dump(record, open(os.path.join(folder, "results.json"), "w"))
+    found = table_cells.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS)
+    assert found.state == state and words in found.reason
+
+
+def test_auto_resolves_on_cuda_by_the_listed_images_and_the_ram(tiny_root, monkeypatch):
+    from utils import flags
+    wanted = table_cells.wanted_flags(table.Cell("dhcnn", "digits", 16, 0), tiny_root, DHCNN_FLAGS)
+    n = table_cells.current_split(tiny_root, "digits", "png", None)[1]
+    assert n == 120  # 12 per class, listed (not decoded)
+    monkeypatch.setattr(flags, "available_memory", lambda: 2 * n * 3 * 16 ** 2)
+    assert table_cells.resolve_pipeline(wanted, "cuda")[0] == "cached"
+    monkeypatch.setattr(flags, "available_memory", lambda: 2 * n * 3 * 16 ** 2 - 1)
+    assert table_cells.resolve_pipeline(wanted, "cuda")[0] == "pil"
+    assert table_cells.resolve_pipeline(dict(wanted, bands=13), "cuda")[0] == "pil"
+    pipeline, why = table_cells.resolve_pipeline(dict(wanted, data="/no/such/data"), "cuda")
+    assert pipeline is None and "cannot be listed here" in why
+
+
+def test_weights_are_compared_by_their_content_not_their_path(tmp_path, capsys, no_runs):
+    """Issue 21, case 2: the weights file overwritten with other weights is another cell."""
+    from utils.run_state import file_sha256
+    out, weights = str(tmp_path / "out"), tmp_path / "w.pth"
+    weights.write_bytes(b"weights one")
+    first = file_sha256(str(weights))
+    folder = dhcnn_run(out, weights=str(tmp_path / "elsewhere.pth"), weights_sha256=first, no_pretrained=False)
+    flags = [f for f in DHCNN_FLAGS if f != "--no-pretrained"] + ["--weights", str(weights)]
+    cell = table.Cell("dhcnn", "digits", 16, 0)
+    assert table_cells.assess(cell, out, extra=flags).state == "finished"  # same bytes, another path: the same
+    time_ns = os.stat(weights).st_mtime_ns
+    weights.write_bytes(b"weights two")
+    os.utime(weights, ns=(time_ns + 10**9, time_ns + 10**9))
+    with pytest.raises(SystemExit) as exc:
+        table.main([*DHCNN_CELL, "--out", out, "--", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    second = file_sha256(str(weights))
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: cell digits dhcnn_16bit_seed0 ({folder})")
+    assert (f"--weights {weights} now holds other weights (sha256 {second[:12]}...) than the run's "
+            f"(sha256 {first[:12]}...)") in err[0]
+    # A run from before runs recorded the hash: not taken for the same weights.
+    record = json.load(open(os.path.join(folder, "results.json")))
+    del record["args"]["weights_sha256"]
+    json.dump(record, open(os.path.join(folder, "results.json"), "w"))
+    found = table_cells.assess(cell, out, extra=flags)
+    assert found.state == "stale" and found.reason == (
+        f"the run recorded no sha256 of its --weights {tmp_path / 'elsewhere.pth'} (made before runs recorded it), "
+        f"so it cannot be checked against {weights} now (sha256 {second[:12]}...)")
+    weights.unlink()
+    record["args"]["weights_sha256"] = first
+    json.dump(record, open(os.path.join(folder, "results.json"), "w"))
+    assert "cannot be read now (No such file or directory)" in table_cells.assess(cell, out, extra=flags).reason
+    # torchgeo weights by their name.
+    dhcnn_run(str(tmp_path / "geo"), weights="torchgeo:ResNet18_Weights.SENTINEL2_RGB_MOCO", no_pretrained=False)
+    geo = [f for f in DHCNN_FLAGS if f != "--no-pretrained"] + ["--weights", "torchgeo:ResNet18_Weights.SENTINEL2_RGB_SECO"]
+    found = table_cells.assess(cell, str(tmp_path / "geo"), extra=geo)
+    assert found.state == "stale" and "--weights 'torchgeo:ResNet18_Weights.SENTINEL2_RGB_SECO' asked" in found.reason
+
+
+def test_a_files_sha256_is_read_once_per_state(tmp_path):
+    from utils import run_state
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"x" * 100)
+    run_state._file_sha256.cache_clear()
+    digest = run_state.file_sha256(str(path))
+    assert digest == __import__("hashlib").sha256(b"x" * 100).hexdigest()
+    for _ in range(3):
+        run_state.file_sha256(str(path))
+    assert run_state._file_sha256.cache_info().misses == 1
+    path.write_bytes(b"y" * 101)  # another size: read again
+    assert run_state.file_sha256(str(path)) != digest and run_state._file_sha256.cache_info().misses == 2
+    assert run_state.weights_sha256("torchgeo:ResNet18_Weights.SENTINEL2_RGB_MOCO") is None
+    assert run_state.weights_sha256(None) is None
+
+
+def test_a_cell_made_under_other_cpu_threads_stops_the_table(tmp_path, capsys, monkeypatch, no_runs):
+    """Issue 21, case 3: a cell made under OMP_NUM_THREADS=2 is not the cell under OMP_NUM_THREADS=1."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = str(tmp_path / "out")
+    folder = dhcnn_run(out, environment=cpu_environment(2))
+    grid = [*DHCNN_CELL, "--out", out]
+    with pytest.raises(SystemExit) as exc:
+        table.main([*grid, "--", *DHCNN_FLAGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err == [
+        f"error: cell digits dhcnn_16bit_seed0 ({folder}) ran in another environment than a cell here would get: "
+        "cpu_threads 2 (now 1); run it again with --rerun-stale (the old folder is kept as <folder>.stale-<time>), "
+        "take it as it is with --accept-environment, or pass a new --out"]
+    # Knowingly: a warning, the number, a mark in table.md.
+    assert table.main([*grid, "--accept-environment", "--", *DHCNN_FLAGS]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: cell digits dhcnn_16bit_seed0 ({folder}) ran in another environment than a cell here would "
+            "get: cpu_threads 2 (now 1); taken with --accept-environment (marked in table.md)") in err
+    md = open(os.path.join(out, "table.md")).read()
+    assert "| DHCNN | 61.36 † |" in md
+    assert ("Note: † DHCNN on digits at 16 bits: accepted with --accept-environment: seed 0 ran in another "
+            "environment than a cell here would get: cpu_threads 2 (now 1).") in md
+    # Two threads again: the cell is the asked-for one.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert table_cells.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS).environment == ""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ran = []
+    monkeypatch.setattr(table, "run", lambda jobs, args: ran.extend(jobs) or ([], None))
+    assert table.main([*grid, "--rerun-stale", "--", *DHCNN_FLAGS]) == 0
+    assert f"set aside {folder} as {folder}.stale-" in capsys.readouterr().out and not os.path.exists(folder)
+    assert [job.label for job in ran] == ["digits dhcnn_16bit_seed0"]  # run again
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(world_size=2), "world_size 2 (now 1)"),
+    (dict(device="cuda", cuda="13.0", cudnn=92400), "device cuda (now cpu)"),
+    (dict(torch="2.0.0"), f"torch 2.0.0 (now {torch.__version__})"),
+    (dict(device=None), "device not recorded (now cpu)"),
+])
+def test_the_environment_a_run_recorded_is_compared_part_by_part(tmp_path, change, words):
+    out = str(tmp_path / "out")
+    folder = dhcnn_run(out, environment=dict(cpu_environment(), **change))
+    record = json.load(open(os.path.join(folder, "results.json")))
+    del record["device"]  # only the environment says where it ran
+    json.dump(record, open(os.path.join(folder, "results.json"), "w"))
+    found = table_cells.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS)
+    assert found.state == "finished" and words in found.environment, found
+
+
+def test_a_run_from_before_the_environment_record_is_not_taken_for_this_one(tmp_path):
+    out = str(tmp_path / "out")
+    folder = dhcnn_run(out)
+    record = json.load(open(os.path.join(folder, "results.json")))
+    del record["environment"]
+    json.dump(record, open(os.path.join(folder, "results.json"), "w"))
+    found = table_cells.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS)
+    assert found.environment == "recorded no environment (made before runs recorded it)"
+
+
+def test_the_cells_environment_on_gpus_follows_the_place_and_the_amp_dtype(monkeypatch):
+    seen = {"torch": "2.14.1", "cpu_threads": 16, "cuda": "13.0", "cudnn": 92400, "gpus_bf16": [True, False],
+            "mps": False}
+    monkeypatch.setattr(table_cells, "probe", lambda: seen)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")
+    wanted = {"device": "auto", "amp": True, "model": "resnet18"}
+    assert table_cells.cell_environment(wanted, gpu="4")["amp_dtype"] == "bfloat16"
+    env = table_cells.cell_environment(wanted, gpu="7")  # a GPU without bfloat16: float16, as the trainer picks
+    assert env["device"] == "cuda" and env["amp_dtype"] == "float16" and env["world_size"] == 1
+    assert table_cells.cell_environment(wanted, trains=False)["amp_dtype"] is None  # LSH/ITQ: no autocast
+    assert table_cells.cell_environment(dict(wanted, device="cpu"))["amp_dtype"] == "bfloat16"
+    args = {"amp": True, "model": "resnet18"}
+    recorded = dict(env, amp_dtype="bfloat16", cpu_threads=2)  # threads do not count on a GPU
+    assert table_cells.environment_difference(env, [recorded], args) == (
+        "ran in another environment than a cell here would get: amp_dtype bfloat16 (now float16)")
+    assert table_cells.environment_difference(env, [dict(env, cpu_threads=2)], args) == ""
+    timm = dict(wanted, model="convnext_atto")
+    assert "timm" in table_cells.cell_environment(timm, gpu="4") and "timm" not in env
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--see", "5", "--di", "64"], "--see after -- clashes with the cell's own flag --seed (argparse takes --see for it)"),
+    (["--seed=3"], "--seed after -- clashes with the cell's own flag --seed;"),
+    (["--epochs", "2", "--nam", "x"], "--nam after -- clashes with the cell's own flag --name (argparse takes --nam"),
+    (["--datas", "EuroSAT"], "--datas after -- clashes with the cell's own flag --dataset"),
+])
+def test_flags_after_the_separator_are_read_as_the_scripts_read_them(extra, words, tmp_path, capsys, no_runs):
+    """Issue 21, case 4: abbreviations that argparse takes for a flag the table sets."""
+    with pytest.raises(SystemExit) as exc:
+        table.main(["--dataset", "digits", "--bits", "16", "--methods", "mb", "--out", str(tmp_path / "out"),
+                    "--", *extra])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and words in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_issues_abbreviated_command_is_refused_in_one_line():
+    proc = run_table("--dataset", "digits", "--bits", "16", "--methods", "mb", "--", "--see", "5", "--di", "64")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stderr.strip().splitlines() == [
+        "error: --see after -- clashes with the cell's own flag --seed (argparse takes --see for it); use the "
+        "table's --dataset/--bits/--seeds/--lr-grid/--data/--out instead"]
+
+
+def test_abbreviations_of_other_flags_still_pass_and_lr_counts_with_a_grid(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert table.main(["--dataset", "digits", "--bits", "8", "--methods", "dpsh", "--out", out, "--print-commands",
+                       "--", "--epo", "2", "--lr", "0.01"]) == 0
+    assert "--epo 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        table.main(["--dataset", "digits", "--bits", "8", "--methods", "dpsh", "--out", out, "--lr-grid", "0.1",
+                    "--print-commands", "--", "--learn", "0.01"])
+    assert "--learn after -- clashes with the cell's own flag --learning-rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --method is the baselines' own
+        table.main(["--dataset", "digits", "--bits", "8", "--methods", "dpsh", "--out", out, "--print-commands",
+                    "--", "--meth", "lsh"])
+    assert "--meth after -- clashes with the cell's own flag --method" in capsys.readouterr().err
+
+
+def test_collect_does_not_replace_a_grid_runs_report_with_another_table(tmp_path, capsys):
+    """Issue 21: --collect DIR used to replace the grid's table (rates chosen on val) by a per-rate one."""
+    root = str(tmp_path / "runs")
+    for lr, val in ((0.01, 0.5), (0.001, 0.7)):
+        write_run(root, f"digits/mb_16bit_lr{lr}_seed0", "MB", "digits", 16, 0, val, val=val,
+                  args=recorded_args("mb", "digits", 16, 0, ["--lr", str(lr)]))
+    # As a grid run leaves its report: table.json records what made it.
+    grid = {"mode": "grid", "command": "python -m utils.table --dataset digits --bits 16 --methods mb --lr-grid 0.01 "
+            "0.001", "lr_grid": [0.01, 0.001], "methods": ["mb"], "datasets": ["digits"], "bits": [16]}
+    write_json_atomic(os.path.join(root, "table.json"), {"lr_grid": [0.01, 0.001], "rows": [], "made_by": grid})
+    before = open(os.path.join(root, "table.json")).read()
+    with pytest.raises(SystemExit) as exc:
+        table.main(["--collect", root])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err == [
+        f"error: --report {root} holds the report of a grid run: {grid['command']}; this --collect would replace it "
+        "with another table (lr_grid [0.01, 0.001] there, None here): pass --report DIR to write it elsewhere, or "
+        "the grid's options (e.g. its --lr-grid)"]
+    assert open(os.path.join(root, "table.json")).read() == before
+    assert table.main(["--collect", root, "--report", str(tmp_path / "per_rate")]) == 0
+    assert table.main(["--collect", root, "--lr-grid", "0.001", "0.01"]) == 0  # the grid's own table again
+    made = json.load(open(os.path.join(root, "table.json")))["made_by"]
+    assert made["mode"] == "collect" and made["lr_grid"] == [0.001, 0.01] and "--collect" in made["command"]
+    assert table.main(["--collect", root]) == 0  # a --collect's report: made from the folders again, replaced
+
+
+def test_the_grids_report_records_what_made_it(tmp_path, capsys):
+    root = str(tmp_path / "runs")
+    write_run(root, "digits/mb_16bit_seed0", "MB", "digits", 16, 0, 0.5, seconds=2.0, world_size=1,
+              environment=cpu_environment(), args=recorded_args("mb", "digits", 16, 0))
+    argv = ["--dataset", "digits", "--bits", "16", "--methods", "mb", "--out", root]
+    assert table.main(argv) == 0
+    made = json.load(open(os.path.join(root, "table.json")))["made_by"]
+    assert made == {"mode": "grid", "command": shlex.join([sys.executable, "-m", "utils.table", *argv]),
+                    "lr_grid": None, "methods": ["mb"], "datasets": ["digits"], "bits": [16]}
+    assert "skipped digits mb_16bit_seed0: finished" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import statistics
 
 from utils.checkpoint import write_atomically
 from utils.run_state import write_json_atomic
-from utils.table_cells import FEATURE_METHODS, IGNORED, FEATURE_IGNORED, METHODS
+from utils.table_cells import FEATURE_METHODS, IGNORED, FEATURE_IGNORED, METHODS, identity, ran_pipeline
 
 PAPER_BITS = (16, 32, 64, 128)
 _PAPER_ROWS = {  # the paper's Table I, mAP@100 in %, at PAPER_BITS
@@ -30,13 +30,31 @@ COST_HEADER = ("Cost: training seconds of each cell's runs (all seeds and learni
                "times, x processes under DDP; LSH/ITQ: encoding the train split and the fit), on the device named.")
 
 
+# The environment's parts in a row's settings (utils/table_cells.py identity): shown as "?" where a run
+# did not record them.
+ENV_KEYS = ("device", "world_size", "torch", "cpu_threads", "cuda", "cudnn", "amp_dtype", "timm")
+
+
 def settings(record, lr_grid):
-    """The flags of a run that can change its number, but the seed (and the rate when a grid chooses it)."""
-    skip = (FEATURE_IGNORED if record["method"] in FEATURE_METHODS else IGNORED) | {"seed"}
+    """What a run computed with, but the seed (and the rate when a grid chooses it): the flags that can
+    change its number, the pipeline that ran, the weights by content, and the environment (every part
+    of a resumed run: values joined by +). Runs that differ in any of it are never averaged."""
+    args = record["args"]
+    skip = (FEATURE_IGNORED if record["method"] in FEATURE_METHODS else IGNORED) | {"seed", "pipeline"}
     if lr_grid:
         skip = skip | {"lr"}
-    return tuple(sorted((k, json.dumps(v)) for k, v in record["args"].items()
-                        if k not in skip and not (k == "pipeline" and v == "auto")))
+    if args.get("weights_sha256"):  # the file's content, not its path
+        skip = skip | {"weights"}
+    out = {k: json.dumps(v) for k, v in args.items() if k not in skip}
+    device = str(record.get("device")).split()[0] if record.get("device") else None
+    out["pipeline"] = json.dumps(ran_pipeline(args, device) or args.get("pipeline"))
+    trains = record["method"] not in FEATURE_METHODS
+    parts = [identity(env, args, trains, record.get("device"), record.get("world_size_recorded"))
+             for env in record.get("environments") or [{}]]
+    for key in dict.fromkeys(k for part in parts for k in part):
+        values = list(dict.fromkeys(part.get(key) for part in parts))
+        out[key] = json.dumps(values[0] if len(values) == 1 else "+".join(map(str, values)))
+    return tuple(sorted(out.items()))
 
 
 def _groups(records, lr_grid):
@@ -67,7 +85,10 @@ def _label(method, part_settings, all_settings):
     dicts = [dict(s) for s in all_settings]
     mine = dict(part_settings)
     differing = sorted(k for k in set().union(*dicts) if len({d.get(k) for d in dicts}) > 1)
-    return name + " [" + ", ".join(f"{k}={json.loads(mine[k]) if k in mine else '?'}" for k in differing) + "]"
+    def shown(k):
+        value = json.loads(mine[k]) if k in mine else None
+        return "?" if value is None and (k in ENV_KEYS or k not in mine) else value
+    return name + " [" + ", ".join(f"{k}={shown(k)}" for k in differing) + "]"
 
 
 def choose_lr(runs, order=()):
@@ -124,6 +145,9 @@ def _row(m, d, b, all_runs, label, lr_grid):
            "untimed_runs": len(all_runs) - len(timed),
            "devices": sorted({r["device"] for r in timed if r["device"]}),
            "environments": environments(runs),
+           # Runs taken with --accept-environment although they ran in another environment: marked in table.md.
+           "environment_accepted": [f"seed {r['seed']}" + ("" if r.get("lr") is None or not lr_grid else f" lr {r['lr']:g}")
+                                    + f" {r['environment_accepted']}" for r in runs if r.get("environment_accepted")],
            "pr_curve": _mean_curve(runs, "pr", "recall", "precision"),
            "precision_at_k": _mean_curve(runs, "pk", "k", "precision")}
     if lr_grid:
@@ -133,15 +157,16 @@ def _row(m, d, b, all_runs, label, lr_grid):
 
 
 def environments(runs):
-    """The distinct environments (torch, CPU threads, CUDA) the runs of a row ran under, every
-    resumed part of a run included; runs from before the record are left out. The CPU threads
-    count only for runs on the CPU (on a GPU they do not do the arithmetic)."""
-    seen = set()
+    """The distinct environments the runs of a row ran under, every resumed part of a run included, as
+    far as they change numbers (utils/table_cells.py identity: the CPU threads only on the CPU, CUDA
+    and cuDNN only on a GPU); runs from before the record are left out."""
+    seen = {}
     for r in runs:
+        trains = r["method"] not in FEATURE_METHODS
         for env in r.get("environments") or ():
-            env = dict(env) if r.get("device") in (None, "cpu") else {k: v for k, v in env.items() if k != "cpu_threads"}
-            seen.add(json.dumps(env, sort_keys=True))
-    return [json.loads(e) for e in sorted(seen)]
+            part = identity(env, r["args"], trains, r.get("device"), r.get("world_size_recorded"))
+            seen.setdefault(json.dumps(part, sort_keys=True), part)
+    return [seen[k] for k in sorted(seen)]
 
 
 def mixed_environments(rows):
@@ -157,12 +182,17 @@ def mixed_environments(rows):
     return lines
 
 
+ACCEPTED_MARK = "†"  # a cell whose run ran in another environment, taken with --accept-environment
+
+
 def format_cell(row):
     ours = "—" if row["mean"] is None else f"{row['mean']:.2f}"
     if row["n_seeds"] > 1:
         ours += f" ± {row['std']:.2f} (n={row['n_seeds']})"
     if row.get("lr") is not None:
         ours += f" lr {row['lr']:g}"
+    if row.get("environment_accepted"):
+        ours += f" {ACCEPTED_MARK}"
     if row["paper"] is None:
         return ours
     return f"{ours} (paper {row['paper']:.2f}" + ("" if row["diff"] is None else f", {row['diff']:+.2f}") + ")"
@@ -203,6 +233,8 @@ def write_md(path, rows, failures=(), lr_grid=None):
     lines += ["", COST_HEADER, ""] + _grid(rows, format_seconds) + ["", f"Total: {spent}"
               + (f" ({total['untimed_runs']} run(s) without a recorded time)" if total["untimed_runs"] else "") + "."]
     lines += [""] + [f"Note: {line}." for line in mixed_environments(rows)]
+    lines += [f"Note: {ACCEPTED_MARK} {r['method']} on {r['dataset']} at {r['bits']} bits: accepted with "
+              f"--accept-environment: {'; '.join(r['environment_accepted'])}." for r in rows if r.get("environment_accepted")]
     lines += [""] + [f"Failed: {label} (exit status {status}): `{shlex.join(cmd)}`" for label, cmd, status in failures]
     _write_text(path, "\n".join(lines).rstrip() + "\n")
 
@@ -223,23 +255,26 @@ def write_csv(path, rows, lr_grid=None):
     write_atomically(path, write, suffix=".csv", binary=False)
 
 
-def write_json(path, rows, failures=(), lr_grid=None):
+def write_json(path, rows, failures=(), lr_grid=None, made_by=None):
+    """made_by: what made the report (the command, grid or --collect, and the options that shape the
+    table), which a later --collect reads before it would replace the report (utils/table.py)."""
     write_json_atomic(path, {"metric": HEADER, "lr_grid": lr_grid, "rows": rows, "cost": totals(rows),
-                             "failed": [{"cell": label, "command": cmd, "exit_status": s} for label, cmd, s in failures]})
+                             "failed": [{"cell": label, "command": cmd, "exit_status": s} for label, cmd, s in failures],
+                             "made_by": made_by})
 
 
 def _write_text(path, text):
     write_atomically(path, lambda fh: fh.write(text), suffix=os.path.splitext(path)[1], binary=False)
 
 
-def write_report(folder, rows, failures=(), lr_grid=None, figure_bits=None):
+def write_report(folder, rows, failures=(), lr_grid=None, figure_bits=None, made_by=None):
     """table.md/csv/json and the three figures (PNG and PDF); the paths written."""
     from utils.visualize import precision_at_k_figure, pr_curves_figure, table_figure
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, f"table.{ext}") for ext in ("md", "csv", "json")]
     write_md(paths[0], rows, failures, lr_grid)
     write_csv(paths[1], rows, lr_grid)
-    write_json(paths[2], rows, failures, lr_grid)
+    write_json(paths[2], rows, failures, lr_grid, made_by)
     bits = figure_bits or max((r["bits"] for r in rows), default=None)
     paths += table_figure(os.path.join(folder, "table"), rows)
     paths += pr_curves_figure(os.path.join(folder, "pr_curves"), rows, bits)

@@ -108,8 +108,8 @@ def write_sbatch(slurm_dir, jobs, max_running=None, sbatch_args=""):
     """DIR/table.sbatch: an array job with one task per job; submits nothing. Returns its path."""
     jobs = list(jobs)
     if not jobs:
-        raise UserError("every cell is finished: there is no array job to write; the table command without "
-                        "--slurm (or --collect) gathers them")
+        raise UserError("every cell is finished: there is no array job to write; --collect (or the table command "
+                        "without --slurm, on a node like the ones that ran them) gathers them")
     if max_running is not None and (not isinstance(max_running, int) or max_running < 1):
         raise UserError(f"--slurm-max-running must be at least 1 task at a time; got {max_running}")
     slurm_dir = os.path.abspath(slurm_dir)

@@ -12,8 +12,8 @@ Their results are what faiss finds, ordered by (distance, database index), -1 wh
 fewer than k (IVF with nprobe >= nlist runs the exact scan: the exact engine's answer, ids
 included); recall against the exact index, counted by distance (search.recall_by_distance), is
 in docs/benchmarks.md. Below nlist, IVF's choice among codes tied at the k-th distance is faiss's:
-settling it by index changes no result's distance and cost 1.6 to 6 times the search at nprobe
-16 and 64 (`benchmarks/bench_search.py --ivf-ties`, docs/benchmarks.md section 8).
+settling it by index changes no result's distance and cost 1.3 to 5.5 times the search at
+nprobe 16 and 64 (`benchmarks/bench_search.py --ivf-ties`, docs/benchmarks.md section 8).
 The structure is built at the first search (codes added later are added to it then) and saved
 with a BinaryIndex file; the retrieval command keeps it in the index folder (engine_store.py).
 """
@@ -123,7 +123,7 @@ class IVF(ApproximateEngine):
                 # Every list probed makes every code a candidate: that is the exact scan, which
                 # keeps docs/method.md section 6's tie rule, where faiss's scan of the lists keeps
                 # its own choice among codes tied at the k-th distance (other ids than the exact
-                # engine's), in about the same time (0.9-1.4x, docs/benchmarks.md section 8).
+                # engine's), in about the same time (docs/benchmarks.md section 8).
                 from .search import exact_search  # here: search.py imports this module
                 return exact_search(queries, codes, k)
         return super().search(queries, codes, k)

@@ -3,8 +3,9 @@ learning for visual and semantic retrieval of remote sensing images", IEEE TGRS 
 defined in docs/method.md."""
 import torch.nn.functional as F
 
-from .dpsh import pairwise_loss, quantization_loss
 from utils.method import Method
+
+from .dpsh import pairwise_loss, quantization_loss
 
 
 class DHCNN(Method):

@@ -11,15 +11,18 @@ from contextlib import nullcontext
 import torch
 from tensorboardX import SummaryWriter
 
-from utils import checkpoint as ckpt_io
 from utils import distributed as dist
-from utils.evaluation import encode, evaluate, log_test_pictures, precision_at_k_curve, tb_tag
-from utils.flags import seed_everything
+from utils.data.splits import Splits
+from utils.evaluation.encoding import encode, evaluate, log_test_pictures, precision_at_k_curve, tb_tag
 from utils.hashing import fit_itq, fit_lsh
 from utils.method import Method
 from utils.models import network_for
-from utils.run_state import RunFolder, device_kind, environment, plain_args, run_config, write_json_atomic
-from utils.splits import Splits
+from utils.training import checkpoint as ckpt_io
+from utils.training.checkpoint import write_json_atomic
+from utils.training.flags import seed_everything
+from utils.training.records import device_kind, environment, plain_args, run_config
+from utils.training.run_folder import RunFolder
+from utils.training.settings import record_splits, resolve
 
 
 class LSH(Method):
@@ -58,45 +61,49 @@ class _Pooled(torch.nn.Module):
 
 
 def run_features(method_cls, args):
-    """Encode, fit, evaluate val and test once, and write the run folder; returns 0."""
-    splits = Splits(args)
-    seed_everything(args.seed)
-    pretrained = args.weights or (not args.no_pretrained)
-    model = network_for(args, splits, pretrained).to(args.device_obj)
-    folder = RunFolder(args, method_cls.name)
+    """Encode, fit, evaluate val and test once, and write the run folder; returns 0. The flags are
+    resolved once (utils/training/settings.py); the method's fit reads its own (--dim, --seed, ...)."""
+    s = resolve(args, method_cls.name)
+    device = s.device
+    splits = Splits(s.data, s.loader, s.input)
+    record_splits(args, splits)
+    seed_everything(s.seed)
+    model = network_for(s.model, len(splits.classes), s.input.channels).to(device)
+    folder = RunFolder(s.out, s.name, s.resume, method_cls.name, s.default_name)
     autocast = nullcontext  # full precision: the fit wants the features as they are
     feature_dim = model.fc1.in_features
     started = time.perf_counter()  # the run's cost: encoding the train split and the fit (nothing trains)
     features = encode(_Pooled(model.backbone), splits.eval_loader("train"), len(splits.db), feature_dim,
-                      args.device_obj, autocast, "encode train features")
+                      device, autocast, "encode train features")
     mean, projection = method_cls.fit(features, args)
     with torch.no_grad():
         model.fc1.weight.copy_(projection.t())
         model.fc1.bias.copy_(-(mean @ projection))
     seconds = time.perf_counter() - started
-    val = evaluate(model, splits, "val", args, autocast)
-    test, q_codes, db_codes = evaluate(model, splits, "test", args, autocast, return_codes=True)
-    test["precision_at_k"] = precision_at_k_curve(q_codes, splits.test.labels.to(args.device_obj), db_codes,
-                                                  splits.db.labels.to(args.device_obj))
-    config = run_config(args, method_cls.name, splits)
-    env = environment(args.device_obj, None, args.model)  # full precision: no autocast dtype
-    results = {"variant": method_cls.name, "dataset": args.dataset, "run_dir": folder.path, "best_epoch": 0,
-               "val": val, "test": test, "args": plain_args(args), "train_seconds": seconds,
-               "device": device_kind(args.device_obj), "world_size": dist.world_size(), "environment": env,
+    val = evaluate(model, splits, "val", device, s.topk, autocast)
+    test, q_codes, db_codes = evaluate(model, splits, "test", device, s.topk, autocast, return_codes=True)
+    test["precision_at_k"] = precision_at_k_curve(q_codes, splits.test.labels.to(device), db_codes,
+                                                  splits.db.labels.to(device))
+    config = run_config(method_cls.name, s.model, s.data, splits)
+    env = environment(device, None, s.model.arch)  # full precision: no autocast dtype
+    flags = plain_args(args)
+    results = {"variant": method_cls.name, "dataset": s.data.dataset, "run_dir": folder.path, "best_epoch": 0,
+               "val": val, "test": test, "args": flags, "train_seconds": seconds,
+               "device": device_kind(device), "world_size": dist.world_size(), "environment": env,
                "environments": [env]}
     if dist.is_main():
-        state = {"format": ckpt_io.FORMAT, "version": 2, "config": config, "args": plain_args(args), "epoch": 0,
-                 "step": 0, "model": model.state_dict(), "best": {"score": val[f"mAP@{args.topk}"], "epoch": 0}}
+        key = f"mAP@{s.topk}"
+        state = {"format": ckpt_io.FORMAT, "version": 2, "config": config, "args": flags, "epoch": 0,
+                 "step": 0, "model": model.state_dict(), "best": {"score": val[key], "epoch": 0}}
         folder.save(state, best=True)
         with SummaryWriter(folder.tensorboard) as writer:
             for split, metrics in (("val", val), ("test", test)):
                 for k, v in metrics.items():
                     if isinstance(v, float):
                         writer.add_scalar(f"{split}/{tb_tag(k)}", v, 0)
-            log_test_pictures(writer, splits, test, q_codes, db_codes, args.bands, 0)
-        for path, obj in ((f"{folder.path}/args.json", plain_args(args)), (folder.results, results)):
+            log_test_pictures(writer, splits, test, q_codes, db_codes, s.data.bands, 0)
+        for path, obj in ((f"{folder.path}/args.json", flags), (folder.results, results)):
             write_json_atomic(path, obj)
-        key = f"mAP@{args.topk}"
         print(f"{method_cls.name}: val {key} {val[key]:.4f}; test {key} {test[key]:.4f}  P@20 {test['P@20']:.4f}\n"
               f"results written to {folder.results}")
     return 0

@@ -16,8 +16,8 @@ from baselines.dhcnn import DHCNN  # noqa: E402
 from baselines.dpsh import DPSH  # noqa: E402
 from baselines.features import ITQ, LSH, run_features  # noqa: E402
 from baselines.triplet import Triplet  # noqa: E402
-from utils.flags import ArgumentParser  # noqa: E402
-from utils.trainer import run  # noqa: E402
+from utils.training.flags import ArgumentParser  # noqa: E402
+from utils.training.trainer import run  # noqa: E402
 
 METHODS = {"lsh": LSH, "itq": ITQ, "dpsh": DPSH, "triplet": Triplet, "dhcnn": DHCNN}
 DESCRIPTIONS = {

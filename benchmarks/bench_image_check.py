@@ -1,4 +1,4 @@
-"""Time the image check that runs before training (utils/image_check.py) on N generated images.
+"""Time the image check that runs before training (utils/data/image_check.py) on N generated images.
 
     python benchmarks/bench_image_check.py --images 30000 --size 64 --format jpg   # EuroSAT-like
     python benchmarks/bench_image_check.py --images 30000 --size 256 --format jpg  # NWPU-like
@@ -24,8 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from benchmarks.common import print_header  # noqa: E402
-from utils.data import read_image  # noqa: E402
-from utils.image_check import find_unreadable  # noqa: E402
+from utils.data.image_check import find_unreadable  # noqa: E402
+from utils.data.scenes import read_image  # noqa: E402
 
 
 def write_images(folder, n, size, fmt):

@@ -34,8 +34,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import print_header  # noqa: E402
-from utils.retrieval.engines import sort_results  # noqa: E402
-from utils.retrieval.search import exact_search, recall_by_distance  # noqa: E402
+from utils.retrieval.exact import (  # noqa: E402
+    exact_search,
+    recall_by_distance,
+    sort_results,  # noqa: E402
+)
 from utils.search import BinaryIndex, hamming_topk  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -18,7 +18,7 @@ pipeline: images per second of the training input pipeline on --images colour JP
    --batch, each variant with each --workers count, alternating in --rounds rounds:
      pil     SceneDataset + utils.data.train_transform in a DataLoader (decode, resize and augment
              every image with Pillow, every epoch: --pipeline pil)
-     cached  utils.fast_data.CachedBatches over CachedImages (decoded once; the decode time is
+     cached  utils.data.cached.CachedBatches over CachedImages (decoded once; the decode time is
              printed separately): torchvision's float formulas on whole uint8 batches
      v2      torchvision.transforms.v2 per uint8 image of the same cache, in a DataLoader
      exact   with --exact-module FILE only: CachedBatches from that file, e.g. the Pillow-exact
@@ -191,7 +191,7 @@ class _V2Images(torch.utils.data.Dataset):
     def __init__(self, cache):
         from torchvision.transforms import v2
 
-        from utils.data import IMAGENET_MEAN, IMAGENET_STD
+        from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
         self.cache = cache
         self.transform = v2.Compose([v2.RandomGrayscale(0.2), v2.ColorJitter(0.4, 0.4, 0.4, 0.4),
                                      v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
@@ -211,8 +211,9 @@ def _one_thread(_):
 def bench_pipeline(args):
     from torch.utils.data import DataLoader, RandomSampler
 
-    from utils.data import SceneDataset, train_transform
-    from utils.fast_data import CachedImages
+    from utils.data.cached import CachedImages
+    from utils.data.scenes import SceneDataset
+    from utils.data.transforms import train_transform
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,7 +244,7 @@ def bench_pipeline(args):
                 return warmup, DataLoader(ds, batch_size=args.batch, sampler=sampler, num_workers=workers,
                                           worker_init_fn=_one_thread)
             batches = torch.randint(0, len(cache), (total // args.batch, args.batch), generator=g).tolist()
-            module = exact if variant == "exact" else sys.modules["utils.fast_data"]
+            module = exact if variant == "exact" else sys.modules["utils.data.cached"]
             return warmup, module.CachedBatches(cache, batches, device=device, augment=True, generator=g,
                                                 num_workers=workers)
 
@@ -278,8 +279,8 @@ def pillow_difference(x_uint8):
     """|cached augmentation - train_transform's Pillow ops| for the same choices, in 1/255 steps."""
     from torchvision.transforms import functional as TF
 
-    from utils.fast_data import _augment, sample_augmentation
-    from utils.data import IMAGENET_MEAN, IMAGENET_STD
+    from utils.data.cached import _augment, sample_augmentation
+    from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     params = sample_augmentation(len(x_uint8), torch.Generator().manual_seed(0))
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]

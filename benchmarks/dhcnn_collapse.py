@@ -25,9 +25,9 @@ sys.path.insert(0, REPO)
 from baselines.dhcnn import DHCNN  # noqa: E402
 from baselines.dpsh import quantization_loss  # noqa: E402
 from benchmarks.common import print_header  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
-from utils.flags import build_parser, check_args, select_device  # noqa: E402
-from utils.trainer import Trainer  # noqa: E402
+from utils.evaluation.encoding import evaluate  # noqa: E402
+from utils.training.flags import build_parser, check_args, select_device  # noqa: E402
+from utils.training.trainer import Trainer  # noqa: E402
 
 
 def code_stats(u):
@@ -100,7 +100,7 @@ def first_epoch(t, show_steps):
 
     t.train_step = traced_step
     t.train_epoch(None)
-    metrics, q_codes, _ = evaluate(t.model, t.splits, "val", t.args, t.autocast, return_codes=True)
+    metrics, q_codes, _ = evaluate(t.model, t.splits, "val", t.device, t.settings.topk, t.autocast, return_codes=True)
     for i, (rec, g) in enumerate(zip(t.method.trace, grads)):
         if i in show_steps or i == len(grads) - 1:
             print(f"    step {i:2d}: |u| {rec['|u|']:8.2f}  |theta_ij| {rec['|theta_ij|']:9.2f}  distinct codes "

@@ -17,8 +17,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from utils.flags import build_parser, check_args, select_device  # noqa: E402
-from utils.trainer import Trainer  # noqa: E402
+from utils.training.flags import build_parser, check_args, select_device  # noqa: E402
+from utils.training.trainer import Trainer  # noqa: E402
 
 
 def load_variant(folder):
@@ -40,7 +40,7 @@ class Labels:
 
 
 class SyntheticData:
-    """Stands in for utils.splits.Splits: N training labels and random image batches on the device."""
+    """Stands in for utils.data.splits.Splits: N training labels and random image batches on the device."""
 
     def __init__(self, n, num_classes, batch_size, size, device):
         self.classes = [str(c) for c in range(num_classes)]

@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import catalog  # noqa: E402
-from utils.download import download, extract  # noqa: E402
+from utils.data.download import download, extract  # noqa: E402
 from utils.errors import UserError, exit_on_user_error  # noqa: E402
 
 DEFAULT_ROOT = os.path.join(REPO, "data")
@@ -177,13 +177,13 @@ def cmd_download(args):
 
 def _warn_if_unreadable(folder, bands):
     """Say so if the training's image reader cannot open the files (a release that changed format)."""
-    from utils.data import read_image
+    from utils.data.scenes import read_image
     for dirpath, _, files in os.walk(folder):
         if files:
             try:
                 read_image(os.path.join(dirpath, sorted(files)[0]), bands)
             except UserError as err:
-                print(f"note: the training's image reader (utils/data.py) cannot open these files: {err}")
+                print(f"note: the training's image reader (utils/data/scenes.py) cannot open these files: {err}")
             return
 
 
@@ -192,7 +192,7 @@ def _warn_if_unreadable(folder, bands):
 # ---------------------------------------------------------------------------
 
 def cmd_digits(args):
-    from utils.digits import make_digits
+    from utils.data.digits import make_digits
     target = os.path.join(os.path.abspath(args.root), "digits")
     if os.path.isdir(target):
         print(f"the digits demo is already there: {target}")
@@ -208,9 +208,9 @@ def cmd_digits(args):
 
 def cmd_split(args):
     """Write our split (70/10/20 per class, seed 42) of a dataset as a split file (--split-file)."""
-    from utils.data import SPLITS, SceneDataset
-    from utils.flags import image_extension
-    from utils.split_lists import lists_sha256, read_split_file, relative_lists, write_split_file
+    from utils.data.scenes import SPLITS, SceneDataset
+    from utils.data.split_files import lists_sha256, read_split_file, relative_lists, write_split_file
+    from utils.training.flags import image_extension
 
     ext = image_extension(args.dataset, args.imgEXT)
     folder = os.path.join(os.path.abspath(args.root), args.dataset)

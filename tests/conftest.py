@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 def digits_folder(tmp_path_factory, size, per_class):
     """A data folder holding the real sklearn digits as <data>/digits/<class>/<n>.png."""
-    from utils.digits import make_digits
+    from utils.data.digits import make_digits
 
     root = tmp_path_factory.mktemp("data")
     make_digits(str(root), size=size, per_class=per_class)

@@ -1,4 +1,4 @@
-"""Backbones (utils/backbones.py, utils/weights.py): timm trunks, weight files, torchgeo's weights,
+"""Backbones (utils/backbones/): timm trunks, weight files, torchgeo's weights,
 the band order and the normalisation every pipeline uses. Tiny timm models (test_vit,
 test_efficientnet: a few hundred thousand parameters) at 16-32 px, random weights."""
 import functools
@@ -15,13 +15,14 @@ import safetensors.torch
 import timm
 import torch
 import torchvision
-
 from conftest import load_script
-from utils import backbones, weights
-from utils.data import eval_transform
+
+from utils.backbones import timm_models as backbones
+from utils.backbones import torchgeo_weights as weights
+from utils.backbones.input_spec import resolve_input
+from utils.data.transforms import eval_transform, multiband_eval_transform
 from utils.errors import UserError
 from utils.models import HashingNet
-from utils.multiband import multiband_eval_transform
 
 SERVED = {}
 
@@ -147,34 +148,33 @@ def test_band_order_of_eurosat_for_the_weights():
     with pytest.raises(UserError, match="band order of MyS2's 4-band files is not known"):
         weights.band_order("MyS2", 4, weights.S2_ALL)
     # The transform feeds the weights' bands, scaled as torchgeo scales them (/ 10000).
-    spec = weights.input_spec(_args("resnet18", "torchgeo:ResNet18_Weights.SENTINEL2_ALL_MOCO", 13))
+    spec = _spec("resnet18", "torchgeo:ResNet18_Weights.SENTINEL2_ALL_MOCO", 13)
     x = torch.arange(13, dtype=torch.float32).view(13, 1, 1).expand(13, 4, 4) * 1000
-    y = multiband_eval_transform(4, spec["mean"], spec["std"], spec["band_order"])(x)
+    y = multiband_eval_transform(4, spec.mean, spec.std, spec.band_order)(x)
     torch.testing.assert_close(y[:, 0, 0], torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 12, 8, 9, 10, 11]) / 10.0)
-    rgb = weights.input_spec(_args("resnet50", "torchgeo:ResNet50_Weights.SENTINEL2_RGB_SECO", 13))
-    assert rgb["channels"] == 3 and rgb["band_order"] == [3, 2, 1]
+    rgb = _spec("resnet50", "torchgeo:ResNet50_Weights.SENTINEL2_RGB_SECO", 13)
+    assert rgb.channels == 3 and rgb.band_order == [3, 2, 1]
     steps = torch.tensor([[3.0, 2, 0], [60, 50, 40]]).t()  # SECO's chain, step by step, equals the one affine map
     chain = (((steps - torch.tensor([3.0, 2, 0]).view(3, 1)) / torch.tensor([85.0, 101, 129]).view(3, 1) * 255)
              - torch.tensor([0.485, 0.456, 0.406]).view(3, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1)
-    one = (steps - torch.tensor(rgb["mean"]).view(3, 1)) / torch.tensor(rgb["std"]).view(3, 1)
+    one = (steps - torch.tensor(rgb.mean).view(3, 1)) / torch.tensor(rgb.std).view(3, 1)
     torch.testing.assert_close(one, chain)
 
 
-def _args(model, weights_flag=None, bands=3, dataset="EuroSAT_MS"):
-    import argparse
-    return argparse.Namespace(model=model, weights=weights_flag, bands=bands, dataset=dataset)
+def _spec(model, weights_flag=None, bands=3, dataset="EuroSAT_MS"):
+    return resolve_input(model, weights_flag, bands, dataset)
 
 
 def test_input_spec_refusals_and_timm_normalisation():
-    assert weights.input_spec(_args("resnet18"))["mean"] == [0.485, 0.456, 0.406]
-    assert weights.input_spec(_args("test_vit"))["mean"] == [0.5, 0.5, 0.5]  # the model's pretrained config
-    assert weights.input_spec(_args("test_vit", bands=13))["mean"] is None  # per-band statistics
+    assert _spec("resnet18").mean == [0.485, 0.456, 0.406]
+    assert _spec("test_vit").mean == [0.5, 0.5, 0.5]  # the model's pretrained config
+    assert _spec("test_vit", bands=13).mean is None  # per-band statistics
     with pytest.raises(UserError, match="holds resnet18 weights; pass --model resnet18"):
-        weights.input_spec(_args("resnet50", "torchgeo:ResNet18_Weights.SENTINEL2_ALL_MOCO", 13))
+        _spec("resnet50", "torchgeo:ResNet18_Weights.SENTINEL2_ALL_MOCO", 13)
     with pytest.raises(UserError, match="not 8-bit RGB images; read the 13-band TIFFs with --bands 13"):
-        weights.input_spec(_args("resnet18", "torchgeo:ResNet18_Weights.SENTINEL2_ALL_MOCO", 3))
+        _spec("resnet18", "torchgeo:ResNet18_Weights.SENTINEL2_ALL_MOCO", 3)
     with pytest.raises(UserError, match="is not one we load; choose one of torchgeo:ResNet18_Weights"):
-        weights.input_spec(_args("resnet18", "torchgeo:ResNet18_Weights.NOPE", 13))
+        _spec("resnet18", "torchgeo:ResNet18_Weights.NOPE", 13)
 
 
 def test_torchgeo_download_verified_into_the_paper_trunk(server, tmp_path, monkeypatch):
@@ -211,7 +211,7 @@ def test_torchgeo_offline_exits_2_in_one_line(eurosat_ms, tmp_path, monkeypatch,
     name = "ResNet18_Weights.SENTINEL2_ALL_MOCO"
     url = closed_port_url("resnet18_sentinel2_all_moco")
     monkeypatch.setitem(weights.TORCHGEO_URLS, name, url)
-    from utils.trainer import run
+    from utils.training.trainer import run
     with pytest.raises(SystemExit) as exit_info:
         run(load_script("train_MB").MemoryBankCDNE, "CDNE(MB)", argv=[
             "--data", eurosat_ms, "--dataset", "EuroSAT_MS", "--bands", "13", "--weights", f"torchgeo:{name}",
@@ -223,17 +223,17 @@ def test_torchgeo_offline_exits_2_in_one_line(eurosat_ms, tmp_path, monkeypatch,
 
 
 def test_every_pipeline_normalises_with_the_backbone(tiny_root):
-    from utils.data import SceneDataset, read_rgb
-    from utils.fast_data import CachedImages, normalize_batch
+    from utils.data.cached import CachedImages, normalize_batch
+    from utils.data.scenes import SceneDataset, read_rgb
     from utils.retrieve import transform_of
 
     ds = SceneDataset(tiny_root, "digits", "train", "png")
-    spec = weights.input_spec(_args("test_vit"))
+    spec = _spec("test_vit")
     ref = torch.stack([eval_transform(16, (0.5,) * 3, (0.5,) * 3)(read_rgb(p)) for p, _ in ds.samples[:4]])
     assert ref.min() < -0.9  # (x - 0.5) / 0.5 reaches -1 on black pixels; ImageNet's would give -2.1
-    cache = CachedImages(ds, 16, progress=False, mean=spec["mean"], std=spec["std"])
+    cache = CachedImages(ds, 16, progress=False, mean=spec.mean, std=spec.std)
     torch.testing.assert_close(normalize_batch(cache.images[:4], cache.mean, cache.std), ref)
-    config = {"img_size": 16, "in_channels": 3, "input": spec}
+    config = {"img_size": 16, "in_channels": 3, "input": spec.as_dict()}
     torch.testing.assert_close(torch.stack([transform_of(config)(read_rgb(p)) for p, _ in ds.samples[:4]]), ref)
     old = transform_of({"img_size": 16, "in_channels": 3})  # checkpoints from before: ImageNet's
     torch.testing.assert_close(old(read_rgb(ds.samples[0][0])), eval_transform(16)(read_rgb(ds.samples[0][0])))
@@ -241,7 +241,7 @@ def test_every_pipeline_normalises_with_the_backbone(tiny_root):
 
 def test_a_timm_run_and_retrieve_evaluate_agree(tiny_root, tmp_path, capsys):
     from utils import retrieve as retrieve_mod
-    from utils.trainer import run
+    from utils.training.trainer import run
 
     out = tmp_path / "runs"
     code = run(load_script("train_MB").MemoryBankCDNE, "CDNE(MB)", argv=[
@@ -278,7 +278,7 @@ def test_lsh_hashes_a_timm_backbone(tiny_root, tmp_path):
 
 def test_registry_matches_torchgeo():
     """Our facts of torchgeo's enums against torchgeo itself, where it is installed (it is not a
-    dependency: utils/weights.py says why)."""
+    dependency: utils/backbones/torchgeo_weights.py says why)."""
     tg = pytest.importorskip("torchgeo.models")
 
     def band(name):  # torchgeo writes B1 / B8a, we write B01 / B8A

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
 
 MAIN = os.path.join(REPO, "baselines", "main.py")

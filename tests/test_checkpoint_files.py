@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
-from utils import checkpoint as ckpt_io
+
 from utils.errors import UserError
+from utils.training import checkpoint as ckpt_io
 
 WHY = "as a full disk or an interrupted copy leaves"
 AGAIN = "copy it again from where it was written if it is whole there, or start the run again under another --name"

@@ -5,7 +5,8 @@ import random
 import pytest
 from PIL import Image
 
-from utils.data import SceneDataset, eval_transform, split_files
+from utils.data.scenes import SceneDataset, split_files
+from utils.data.transforms import eval_transform
 from utils.errors import UserError
 
 
@@ -94,7 +95,7 @@ def test_missing_dataset_folder(tmp_path):
 
 def test_default_extensions_match_the_dataset_catalog():
     from data.catalog import DATASETS
-    from utils.flags import DATASET_EXTENSIONS, image_extension
+    from utils.training.flags import DATASET_EXTENSIONS, image_extension
 
     for spec in DATASETS.values():
         assert DATASET_EXTENSIONS[spec["name"]] == spec["ext"], spec["name"]
@@ -115,7 +116,8 @@ def write_ours(tmp_path, counts=None):
 
 def test_our_split_written_and_read_back_gives_the_same_samples_and_hash(tmp_path):
     import json
-    from utils.split_lists import lists_sha256, relative_lists
+
+    from utils.data.split_files import lists_sha256, relative_lists
     out = write_ours(tmp_path)
     lists = json.loads(out.read_text())
     assert set(lists) == {"train", "val", "test"} and lists["train"][0].startswith("a/")
@@ -149,7 +151,8 @@ def test_a_bad_split_file_is_one_clear_error(tmp_path, content, message):
 
 def test_a_missing_file_named_in_a_split_file_stops_the_run_in_one_line(tmp_path, capsys):
     from conftest import load_script
-    from utils.trainer import run
+
+    from utils.training.trainer import run
     out = write_ours(tmp_path)
     os.remove(tmp_path / "scenes" / "b" / "img004.png")
     argv = ["--data", str(tmp_path), "--dataset", "scenes", "--imgEXT", "png", "--split-file", str(out),
@@ -167,13 +170,14 @@ def test_a_missing_file_named_in_a_split_file_stops_the_run_in_one_line(tmp_path
 def test_retrieval_evaluates_on_the_runs_own_split_file(tmp_path):
     import json
     from types import SimpleNamespace
+
     from utils.retrieval.command import resolve_dataset_flags, split_of
     lists = json.loads(write_ours(tmp_path).read_text())
     lists["train"][0], lists["test"][0] = lists["test"][0], lists["train"][0]
     other = tmp_path / "other.json"
     other.write_text(json.dumps(lists))
     run_args = {"dataset": "scenes", "imgEXT": "png", "data": str(tmp_path), "split_file": str(other)}
-    loaded = SimpleNamespace(args=run_args, config={"num_classes": 3, "dataset": "scenes"}, path="run.pth")
+    loaded = SimpleNamespace(flags=run_args, config={"num_classes": 3, "dataset": "scenes"}, path="run.pth")
     args = SimpleNamespace(dataset=None, imgEXT=None, data=None, split="test", skip_bad_images=False)
     assert "split_file" in resolve_dataset_flags(args, loaded)
     test = split_of(args, loaded.config)

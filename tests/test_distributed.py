@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import REPO, load_script
 
 SCRIPTS = {"MU": os.path.join(REPO, "train", "main.py"), "MB": os.path.join(REPO, "train_MB", "main.py")}
@@ -45,7 +44,7 @@ def test_two_processes_keep_identical_memories(variant, digits_root, tmp_path):
 
 
 def test_distributed_resume_continues_exactly(tmp_path):
-    from utils.digits import make_digits
+    from utils.data.digits import make_digits
 
     make_digits(str(tmp_path / "data"), size=16, per_class=12)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -125,7 +124,7 @@ def two_steps(method_cls, rows):
     twice from a fixed state; rows(step) = this process's rows of that step's global batch.
     Returns each step's gradients and parameters after it, and the method's state after the two
     steps and before them."""
-    from utils.trainer import Trainer
+    from utils.training.trainer import Trainer
 
     images, labels = train_set()
     parser = argparse.ArgumentParser()

@@ -10,12 +10,12 @@ import time
 
 import pytest
 import torch
+from conftest import REPO, load_script
 from PIL import Image
 
-from conftest import REPO, load_script
-from utils import checkpoint as ckpt_io
-from utils.digits import make_digits
+from utils.data.digits import make_digits
 from utils.errors import UserError
+from utils.training import checkpoint as ckpt_io
 
 MB = os.path.join(REPO, "train_MB", "main.py")
 FAST = ["--no-pretrained", "--img-size", "16", "--dim", "8", "--num_workers", "0", "--device", "cpu", "-b", "16",
@@ -37,7 +37,7 @@ def mb():
 def run_inproc(module, argv, capsys):
     """Run a script's main in this process; returns (exit status, stderr); stdout is kept in run_inproc.out."""
     method = getattr(module, "MemoryBankCDNE", None) or module.MemoryUnitCDNE
-    from utils.trainer import run
+    from utils.training.trainer import run
     try:
         status = run(method, "test", argv)
     except SystemExit as stop:
@@ -219,7 +219,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mb, tiny, tmp_
     assert run_inproc(mb, argv + ["--epochs", "1"], capsys)[0] == 0
     last = tmp_path / "r" / "checkpoint_last.pth"
     good = torch.load(last, weights_only=True)
-    from utils import trainer
+    from utils.training import trainer
     real_step = trainer.Trainer.train_step
 
     def nan_step(self, batch):
@@ -294,7 +294,7 @@ def test_the_best_checkpoint_is_the_last_one_without_a_second_copy(tmp_path, mon
 
 
 def test_a_failed_checkpoint_write_says_how_to_go_on(tmp_path, monkeypatch):
-    from utils.run_state import RunFolder
+    from utils.training.run_folder import RunFolder
 
     run = object.__new__(RunFolder)  # only the two paths matter here
     run.last, run.best = str(tmp_path / "checkpoint_last.pth"), str(tmp_path / "checkpoint_best.pth")

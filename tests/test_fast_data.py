@@ -3,9 +3,10 @@ import pytest
 import torch
 from torchvision.transforms import functional as TF
 
-from utils import fast_data as fd
-from utils.data import IMAGENET_MEAN, IMAGENET_STD, SceneDataset, eval_transform, read_rgb
-from utils.digits import make_digits
+from utils.data import cached as fd
+from utils.data.digits import make_digits
+from utils.data.scenes import SceneDataset, read_rgb
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 SIZE = 24  # not the digits' 16, so the cache really resizes
 

@@ -1,9 +1,9 @@
-"""The table's figures (utils/visualize.py): every row its own colour, marker and line style, and
+"""The table's figures (utils/table/figures.py): every row its own colour, marker and line style, and
 the legend says what the error bars and curves are (over how many seeds), read from the artists."""
 import matplotlib.colors as mcolors
 import pytest
 
-from utils.visualize import draw_curves, draw_table, row_styles, table_figure
+from utils.table.figures import draw_curves, draw_table, row_styles, table_figure
 
 # What --collect of a learning-rate grid without --lr-grid gives: every trained method once per rate,
 # 12 rows, one more than tab10 has colours (rows 11 and 12 used to take rows 1 and 2's).

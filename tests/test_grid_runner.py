@@ -1,4 +1,4 @@
-"""utils.grid_runner: cells at once, one or K per GPU, failures and stop signals; the Slurm array job,
+"""utils.table.grid_runner: cells at once, one or K per GPU, failures and stop signals; the Slurm array job,
 run by stand-ins for sbatch and scontrol. The children are small `python -c` stand-ins for runs."""
 import glob
 import json
@@ -12,10 +12,10 @@ import time
 from collections import Counter
 
 import pytest
-
 from conftest import REPO
+
 from utils.errors import UserError
-from utils.grid_runner import Job, check_options, current_epoch, log_tail, run_jobs, write_sbatch
+from utils.table.grid_runner import Job, check_options, current_epoch, log_tail, run_jobs, write_sbatch
 
 # A cell that records when it ran and what it saw. It waits (up to 10 s) until as many cells have
 # started as the runner should have let in by then, so "at once" is shown without racing the clock.
@@ -108,7 +108,7 @@ def test_a_failing_cell_leaves_the_others_going(tmp_path):
 
 RUNNER = """
 import json, sys
-from utils.grid_runner import Job, run_jobs
+from utils.table.grid_runner import Job, run_jobs
 jobs = [Job(**j) for j in json.loads(sys.argv[1])]
 failures, stopped = run_jobs(jobs, jobs_at_once=2)
 print(json.dumps({"failed": [j.label for j, _, _ in failures], "signal": stopped}))
@@ -286,8 +286,8 @@ TINY = ["--no-pretrained", "--img-size", "8", "-b", "16", "--lr", "0.01", "--epo
 
 
 def test_the_table_two_at_once_and_as_an_array_job_gives_the_numbers_of_one_at_a_time(tmp_path, monkeypatch, capsys):
-    from utils import table
-    from utils.digits import make_digits
+    from utils.data.digits import make_digits
+    from utils.table import command as table
 
     make_digits(str(tmp_path / "data"), size=8, per_class=12)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two runs on two cores, one thread each
@@ -332,7 +332,7 @@ def test_cells_started_at_once_make_the_digits_folder_once_and_whole(tmp_path):
     """Two digits cells of one grid may both create the dataset; neither may see or leave half of it."""
     import threading
 
-    from utils.digits import make_digits
+    from utils.data.digits import make_digits
 
     errors = []
 
@@ -353,7 +353,7 @@ def test_cells_started_at_once_make_the_digits_folder_once_and_whole(tmp_path):
 
 
 def test_cells_at_once_without_a_thread_count_are_warned_about(monkeypatch, capsys):
-    from utils.grid_runner import warn_oversubscribed
+    from utils.table.grid_runner import warn_oversubscribed
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     warn_oversubscribed(2, None, cores=4)
@@ -381,7 +381,7 @@ def test_the_bar_counts_every_running_cell(tmp_path, capsys):
 
 
 def test_slurm_args_takes_a_value_that_starts_with_dashes_and_warns_of_what_is_missing(tmp_path, capsys):
-    from utils import table
+    from utils.table import command as table
 
     job = Job("c", [sys.executable, "x.py", "--resume", "auto"], str(tmp_path), str(tmp_path / "log.txt"))
     args, _ = table.parse_args(["--slurm", str(tmp_path / "s"), "--slurm-args", "--time=01:00:00 -p gpu"])

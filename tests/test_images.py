@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
-from utils.data import SceneDataset, read_rgb
-from utils.multiband import band_statistics, read_multiband
+from utils.data.multiband import band_statistics, read_multiband
+from utils.data.scenes import SceneDataset, read_rgb
 from utils.errors import UserError
 from utils.models import HashingNet
 

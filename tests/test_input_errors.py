@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 import tifffile
+from conftest import REPO, load_script
 from PIL import Image
 
-from conftest import REPO, load_script
-from utils.data import SceneDataset, read_rgb, remove_unreadable
-from utils.image_files import unreadable
-from utils.multiband import band_statistics, read_multiband
+from utils.data.image_files import unreadable
+from utils.data.multiband import band_statistics, read_multiband
+from utils.data.scenes import SceneDataset, read_rgb, remove_unreadable
 from utils.errors import UserError
 
 MB = os.path.join(REPO, "train_MB", "main.py")
@@ -248,7 +248,7 @@ def mb():
 
 def train_inproc(mb, data, dataset, out, *flags, capsys):
     """The training script's main in this process, as `train` runs it; returns (exit status, stderr)."""
-    from utils.trainer import run
+    from utils.training.trainer import run
     argv = ["--data", str(data), "--dataset", dataset, "--no-pretrained", "--img-size", "16", "--dim", "8",
             "--num_workers", "0", "--device", "cpu", "--epochs", "1", "-b", "16", "--out", str(out), *flags]
     try:
@@ -277,7 +277,7 @@ def test_multiband_tiffs_read_as_rgb_stop_before_training(mb, tmp_path, capsys, 
 
 
 def test_rgb_tiffs_written_by_tifffile_and_pillow_still_read(tmp_path):
-    from utils.image_check import check_images
+    from utils.data.image_check import check_images
     os.makedirs(tmp_path / "s" / "a")
     os.makedirs(tmp_path / "s" / "b")
     rgb = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
@@ -303,7 +303,7 @@ def test_every_unreadable_image_is_listed_before_training(mb, tmp_path, capsys):
     line = the_error(status, err, "8 of the 30 images", "cannot be read", str(damaged[0]), "and 3 more",
                      "--skip-bad-images")
     assert not (tmp_path / "runs").exists()
-    from utils.image_check import find_unreadable
+    from utils.data.image_check import find_unreadable
     assert sorted(find_unreadable([str(p) for p in damaged] + [str(tmp_path / "d/scenes/c/0.png")])) == \
         sorted(str(p) for p in damaged)
     assert line.count(".png") >= 5
@@ -322,7 +322,7 @@ def test_degenerate_datasets_stop_before_anything_is_written(mb, tmp_path, capsy
 
 
 def test_a_class_too_small_for_every_split_is_named_in_a_warning(tmp_path):
-    from utils.split_lists import check_split_sizes
+    from utils.data.split_files import check_split_sizes
     rgb_tree(str(tmp_path / "scenes"), classes="ab", per_class=10)
     rgb_tree(str(tmp_path / "scenes"), classes="c", per_class=2)
     warnings = []

@@ -3,8 +3,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from conftest import load_script
+
 from utils.memory import MemoryBank, MemoryUnit
 
 

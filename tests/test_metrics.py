@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import (binarize, mean_average_precision, pr_curve, precision_at_k,
-                           precision_within_radius, reference_metrics, retrieval_metrics)
+from utils.metrics import (binarize, mean_average_precision, pr_curve, precision_at_k, precision_within_radius,
+                           reference_metrics, retrieval_metrics)
 
 BOTH = pytest.mark.parametrize("metrics", [retrieval_metrics, reference_metrics],
                                ids=["counting_rank", "reference"])

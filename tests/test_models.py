@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from utils import models
+from utils.backbones import resnets
 from utils.errors import UserError
 from utils.models import HashingNet
 
@@ -85,7 +85,7 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 def test_imagenet_weights_are_downloaded_and_verified(weight_server, tmp_path, monkeypatch):
     source, url = weight_server
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setitem(models.WEIGHT_URLS, "resnet18", url)
+    monkeypatch.setitem(resnets.WEIGHT_URLS, "resnet18", url)
     net = HashingNet("resnet18", num_classes=3, dim=8, pretrained=True)
     torch.testing.assert_close(net.backbone.conv1.weight, source.conv1.weight)
     cached = os.listdir(tmp_path / "torch_home" / "hub" / "checkpoints")
@@ -97,6 +97,6 @@ def test_download_failure_names_the_offline_flags(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setitem(models.WEIGHT_URLS, "resnet18", f"http://127.0.0.1:{port}/resnet18-abcdef12.pth")
+    monkeypatch.setitem(resnets.WEIGHT_URLS, "resnet18", f"http://127.0.0.1:{port}/resnet18-abcdef12.pth")
     with pytest.raises(UserError, match="--no-pretrained.*--weights"):
         HashingNet("resnet18", num_classes=3, dim=8, pretrained=True)

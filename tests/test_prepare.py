@@ -1,4 +1,4 @@
-"""data/prepare.py and utils/download.py against a local HTTP server (127.0.0.1 only)."""
+"""data/prepare.py and utils/data/download.py against a local HTTP server (127.0.0.1 only)."""
 import hashlib
 import http.server
 import io
@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from data import catalog, prepare
-from utils.data import SceneDataset
-from utils.download import download, extract
+from utils.data.download import download, extract
+from utils.data.scenes import SceneDataset
 from utils.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

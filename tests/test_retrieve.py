@@ -14,11 +14,11 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from utils import retrieve as retrieve_mod
-from utils.data import SceneDataset
+from utils.data.scenes import SceneDataset
 from utils.retrieval.index_file import load_index
 from utils.search import hamming_topk
 
@@ -512,7 +512,7 @@ def on_a_terminal(text):
 
 
 def test_a_failed_index_write_is_one_line_and_loses_nothing(trained, split_index, tmp_path, capsys, monkeypatch):
-    """A full disk while `index` writes: one line (utils/checkpoint.py's wording), exit 2, and the
+    """A full disk while `index` writes: one line (utils/training/checkpoint.py's wording), exit 2, and the
     index at --out as it was: a new one's partial folder removed, an existing one byte for byte."""
     from utils.retrieval import build, index_file
 

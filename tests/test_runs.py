@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
 
 MB = os.path.join(REPO, "train_MB", "main.py")
@@ -106,8 +105,9 @@ def test_the_run_does_not_depend_on_the_number_of_loader_workers(tiny_root, tmp_
 
 
 def test_per_sample_augmentation_is_a_function_of_seed_epoch_and_index(tiny_root):
-    from utils.data import SceneDataset, train_transform
-    from utils.splits import PerSampleAugmentation
+    from utils.data.scenes import SceneDataset
+    from utils.data.splits import PerSampleAugmentation
+    from utils.data.transforms import train_transform
 
     ds = PerSampleAugmentation(SceneDataset(tiny_root, "digits", "train", "png"), train_transform(16), seed=3)
     first = ds[5]["img"]
@@ -119,8 +119,9 @@ def test_per_sample_augmentation_is_a_function_of_seed_epoch_and_index(tiny_root
 
 def test_amp_is_refused_on_a_cpu_without_native_bfloat16(tiny_root, tmp_path, monkeypatch, capsys):
     from conftest import load_script
-    from utils import flags
-    from utils.trainer import run
+
+    from utils.training import flags
+    from utils.training.trainer import run
 
     monkeypatch.setattr(flags, "cpu_supports_bf16", lambda: False)  # as on an AVX2-only processor
     with pytest.raises(SystemExit) as stop:
@@ -135,7 +136,7 @@ def test_amp_is_refused_on_a_cpu_without_native_bfloat16(tiny_root, tmp_path, mo
 def test_the_bfloat16_check_reads_the_processor_flags(monkeypatch, tmp_path):
     import builtins
 
-    from utils import flags
+    from utils.training import flags
 
     real_open = builtins.open
     for text, expected in (("flags : fpu avx2 fma", False), ("flags : avx2 avx512f avx512_bf16", True),
@@ -147,20 +148,17 @@ def test_the_bfloat16_check_reads_the_processor_flags(monkeypatch, tmp_path):
 
 
 def test_pipeline_auto_chooses_by_device_and_memory(monkeypatch):
-    import argparse
+    from utils.data import pipeline
 
-    from utils import flags
-
-    args = argparse.Namespace(pipeline="auto", bands=3, img_size=256)
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert flags.choose_pipeline(args, cpu, 1000)[0] == "pil"
-    monkeypatch.setattr(flags, "available_memory", lambda: 100 * 2**30)
-    pipeline, why = flags.choose_pipeline(args, cuda, 31_500)  # NWPU-RESISC45: 5.8 GiB
-    assert pipeline == "cached" and "5.8 GiB" in why
-    monkeypatch.setattr(flags, "available_memory", lambda: 8 * 2**30)
-    assert flags.choose_pipeline(args, cuda, 31_500)[0] == "pil"
-    assert flags.choose_pipeline(argparse.Namespace(pipeline="auto", bands=13, img_size=64), cuda, 10)[0] == "pil"
-    assert flags.choose_pipeline(argparse.Namespace(pipeline="pil", bands=3, img_size=64), cuda, 10)[0] == "pil"
+    assert pipeline.choose_pipeline("auto", cpu, 1000, 3, 256)[0] == "pil"
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 100 * 2**30)
+    chosen, why = pipeline.choose_pipeline("auto", cuda, 31_500, 3, 256)  # NWPU-RESISC45: 5.8 GiB
+    assert chosen == "cached" and "5.8 GiB" in why
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 8 * 2**30)
+    assert pipeline.choose_pipeline("auto", cuda, 31_500, 3, 256)[0] == "pil"
+    assert pipeline.choose_pipeline("auto", cuda, 10, bands=13, img_size=64)[0] == "pil"
+    assert pipeline.choose_pipeline("pil", cuda, 10, bands=3, img_size=64)[0] == "pil"
 
 
 @pytest.mark.parametrize("path", [MB, MU, os.path.join(REPO, "baselines", "main.py")])
@@ -181,8 +179,8 @@ def test_help_has_a_line_for_every_flag_and_each_default_once(path):
 
 
 def test_cached_pipeline_draws_each_images_augmentation_from_its_own_seed(tiny_root):
-    from utils.data import SceneDataset
-    from utils.fast_data import CachedBatches, CachedImages
+    from utils.data.cached import CachedBatches, CachedImages
+    from utils.data.scenes import SceneDataset
 
     cache = CachedImages(SceneDataset(tiny_root, "digits", "train", "png"), 16, progress=False)
 
@@ -232,7 +230,7 @@ def utils_imports():
 
 def test_no_two_modules_of_utils_import_each_other():
     graph = utils_imports()
-    assert {"utils.data", "utils.multiband", "utils.metrics", "utils.rank_counting"} <= set(graph)
+    assert {"utils.data.scenes", "utils.data.multiband", "utils.metrics", "utils.metrics.rank_counting"} <= set(graph)
     cycles, state = [], {}
 
     def visit(module, path):
@@ -250,10 +248,66 @@ def test_no_two_modules_of_utils_import_each_other():
     assert not cycles, "import cycles inside utils/: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+# utils/ from the bottom up (docs/method.md section 10): a module imports its own layer and those
+# below it only. The method core (models, losses, ...) and the data package need nothing of each
+# other; the doors at the top re-export names README shows.
+LAYERS = (("utils", "utils.errors", "utils.distributed"), ("utils.metrics",), ("utils.backbones",),
+          ("utils.models", "utils.hashing", "utils.losses", "utils.memory", "utils.method", "utils.cdne"),
+          ("utils.data",), ("utils.evaluation",), ("utils.training",), ("utils.retrieval",), ("utils.table",),
+          ("utils.flags", "utils.trainer", "utils.search", "utils.retrieve", "utils.launch"))
+
+
+def layer_of(module):
+    for i, names in enumerate(LAYERS):
+        if any(module == n or (n != "utils" and module.startswith(n + ".")) for n in names):
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS: place it")
+
+
+def test_imports_run_one_way_through_the_layers():
+    graph = utils_imports()
+    upward = [f"{m} -> {t}" for m, targets in sorted(graph.items()) for t in sorted(targets)
+              if layer_of(t) > layer_of(m)]
+    assert not upward, "imports of a higher layer: " + "; ".join(upward)
+    # The rules the layout promises, spelled out.
+    for low in ("utils.data", "utils.backbones", "utils.models"):
+        for high in ("utils.training", "utils.evaluation", "utils.table", "utils.retrieval"):
+            assert not [t for m, ts in graph.items() if m.startswith(low) for t in ts if t.startswith(high)]
+    assert not [t for m, ts in graph.items() if m.startswith("utils.training") for t in ts
+                if t.startswith(("utils.table", "utils.retrieval"))]
+    # At most about 14 modules directly in utils/ (the rest are packages).
+    top = [f for f in os.listdir(os.path.join(REPO, "utils")) if f.endswith(".py") and f != "__init__.py"]
+    assert len(top) <= 14, top
+
+
+def test_the_lower_layers_read_no_flags():
+    """The flags stop at the door (utils/training/settings.py resolves them): no module of the data,
+    backbone, model, evaluation, run folder, checkpoint or search layers reads `args.<flag>`."""
+    import ast
+    lower = ["utils/data", "utils/backbones", "utils/evaluation", "utils/metrics", "utils/models.py",
+             "utils/training/run_folder.py", "utils/training/checkpoint.py", "utils/training/state.py",
+             "utils/training/records.py", "utils/retrieval/search.py", "utils/retrieval/exact.py",
+             "utils/retrieval/engines.py", "utils/retrieval/index_file.py", "utils/retrieval/build.py",
+             "utils/retrieval/network.py", "utils/retrieval/engine_store.py"]
+    paths = []
+    for entry in lower:
+        full = os.path.join(REPO, entry)
+        paths += [os.path.join(full, f) for f in sorted(os.listdir(full)) if f.endswith(".py")] \
+            if os.path.isdir(full) else [full]
+    reads = []
+    for path in paths:
+        with open(path) as fh:
+            for node in ast.walk(ast.parse(fh.read())):
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args":
+                    reads.append(f"{os.path.relpath(path, REPO)}:{node.lineno} args.{node.attr}")
+    assert not reads, reads
+
+
 def run_inproc(folder, argv, capsys, script_name):
     """A training script's main in this process: (exit status, stdout, stderr)."""
     from conftest import load_script
-    from utils.trainer import run
+
+    from utils.training.trainer import run
     module = load_script(folder)
     method = getattr(module, "MemoryBankCDNE", None) or module.MemoryUnitCDNE
     try:
@@ -278,7 +332,7 @@ def test_another_methods_checkpoint_is_refused_first_naming_its_script(first_epo
 
 def test_resume_refuses_another_split_and_ours_is_the_runs(first_epoch, tiny_root, tmp_path, capsys):
     from data.prepare import main as prepare
-    from utils.split_lists import lists_sha256
+    from utils.data.split_files import lists_sha256
     ours = tmp_path / "ours.json"
     prepare(["split", "--dataset", "digits", "--data", tiny_root, "--out", str(ours)])
     recorded = torch.load(first_epoch / "checkpoint_last.pth", weights_only=True)["args"]["split_sha256"]
@@ -302,7 +356,7 @@ def test_test_pictures_are_logged_at_the_epoch_step(tmp_path):
 
     from PIL import Image
 
-    from utils.evaluation import log_test_pictures
+    from utils.evaluation.encoding import log_test_pictures
     paths = []
     for i in range(4):
         paths.append(str(tmp_path / f"{i}.png"))

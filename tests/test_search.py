@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.retrieval import index_file, search as search_mod
+from utils.retrieval import exact as exact_mod
+from utils.retrieval import index_file
+from utils.retrieval import search as search_mod
 from utils.retrieval.index_file import IndexWriter, load_index
 from utils.search import BinaryIndex, hamming_topk
 
@@ -39,7 +41,7 @@ def test_exact_search_is_a_stable_sort(bits):
     np.testing.assert_array_equal(idx, ref_idx)
     # Queries are searched in chunks (bounded memory for any batch): the same answer in many pieces.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(search_mod, "QUERY_ENTRIES", 450)
+        patch.setattr(exact_mod, "QUERY_ENTRIES", 450)
         for got, ref in zip(index.search(queries, 100), (ref_dist, ref_idx)):
             np.testing.assert_array_equal(got, ref)
     # hamming_topk keeps its meaning: the same ranking, from float codes.
@@ -68,10 +70,10 @@ def test_ties_are_broken_by_database_index_whatever_the_engine_does(monkeypatch)
 
     # Codes of more than 64 bits take faiss's heap, whose choice among ties is its own: make it
     # keep the wrong ones, and the answer must not change.
-    monkeypatch.setattr(search_mod, "COUNTING_MAX_BITS", 0)
-    monkeypatch.setattr(search_mod.faiss, "knn_hamming", knn_preferring_late_items)
-    for widest in (search_mod.WIDEST, 300):  # ties settled by asking faiss for more, or by the scan
-        monkeypatch.setattr(search_mod, "WIDEST", widest)
+    monkeypatch.setattr(exact_mod, "COUNTING_MAX_BITS", 0)
+    monkeypatch.setattr(exact_mod.faiss, "knn_hamming", knn_preferring_late_items)
+    for widest in (exact_mod.WIDEST, 300):  # ties settled by asking faiss for more, or by the scan
+        monkeypatch.setattr(exact_mod, "WIDEST", widest)
         got = index.search(queries, 150)
         np.testing.assert_array_equal(got[0], ref[0])
         np.testing.assert_array_equal(got[1], ref[1])
@@ -151,7 +153,7 @@ def test_approximate_engines(engine, params, tmp_path):
     assert again.engine == engine and again.params == approx.params
     for got, want in zip(again.search(queries, 50), (dist, idx)):
         np.testing.assert_array_equal(got, want)
-    assert search_mod.recall_by_distance(search_mod.pack_codes(queries, 64), exact.codes, idx, ref_dist) > 0.9
+    assert exact_mod.recall_by_distance(exact_mod.pack_codes(queries, 64), exact.codes, idx, ref_dist) > 0.9
     if engine == "ivf":  # every cluster probed: the exact answer, ids included
         full = BinaryIndex(64, "ivf", nlist=16, nprobe=16)
         full.add(db)
@@ -161,10 +163,10 @@ def test_approximate_engines(engine, params, tmp_path):
 
 def test_recall_is_counted_by_distance():
     """A result tied with the k-th exact one counts; one that took a nearer one's place does not."""
-    db = search_mod.pack_codes(np.array([[1] * 8] * 3 + [[1] * 7 + [-1]] * 3 + [[-1] * 8]), 8)
+    db = exact_mod.pack_codes(np.array([[1] * 8] * 3 + [[1] * 7 + [-1]] * 3 + [[-1] * 8]), 8)
     query = db[:1]  # distances 0, 0, 0, 1, 1, 1, 8
     exact_dist = np.array([[0, 0, 1, 1]])  # the exact top 4: items 0, 1, 3, 4
-    recall = search_mod.recall_by_distance
+    recall = exact_mod.recall_by_distance
 
     def share(*ids):
         return recall(query, db, np.array([ids]), exact_dist)
@@ -197,17 +199,17 @@ def test_ivf_probing_every_list_is_the_exact_engine_with_ties():
     ivf.set_search_params(nprobe=20)
     for got, want in zip(ivf.search(queries, 50), (ref_dist, ref_idx)):
         np.testing.assert_array_equal(got, want)
-    packed = search_mod.pack_codes(queries, 24)
+    packed = exact_mod.pack_codes(queries, 24)
     ivf.approx.index.nprobe = 20  # faiss's own scan of every list: what the engine returned before
     faiss_dist, faiss_idx = ivf.approx.index.search(packed, 50)
     np.testing.assert_array_equal(np.sort(faiss_dist, 1), ref_dist)
     assert (np.sort(faiss_idx, 1) != np.sort(ref_idx, 1)).any(1).sum() >= 10  # other ids among the ties
-    assert search_mod.recall_by_distance(packed, exact.codes, faiss_idx, ref_dist) == 1.0
+    assert exact_mod.recall_by_distance(packed, exact.codes, faiss_idx, ref_dist) == 1.0
     id_recall = np.mean([len(set(a) & set(b)) / 50 for a, b in zip(faiss_idx, ref_idx)])
     assert id_recall < 0.99
     # Fewer lists: distances no nearer than the truth, recall below 1, counted the same way.
     assert (partial[0] >= ref_dist).all()
-    assert 0.2 < search_mod.recall_by_distance(packed, exact.codes, partial[1], ref_dist) < 1.0
+    assert 0.2 < exact_mod.recall_by_distance(packed, exact.codes, partial[1], ref_dist) < 1.0
 
 
 def header(bits=16):
@@ -278,7 +280,7 @@ def test_an_index_folder_keeps_the_engine_structure(engine, build, tmp_path, mon
 
     rng = np.random.default_rng(5)
     centres = rng.choice([-1, 1], (10, 64))
-    packed = search_mod.pack_codes(clustered_codes(rng, 2_000, centres), 64)
+    packed = exact_mod.pack_codes(clustered_codes(rng, 2_000, centres), 64)
     queries = packed[[3, 1_200, 1_999]]
     head = {"weights_sha256": "ab" * 32}
     said = []
@@ -322,7 +324,7 @@ def test_an_index_folder_keeps_the_engine_structure(engine, build, tmp_path, mon
     assert "does not hold the 2000 codes its record says; building it again" in said[0]
     assert said[1].startswith(f"built the {engine} structure")
     # A folder that cannot be written to: the query goes on, with a warning.
-    from utils import checkpoint
+    from utils.training import checkpoint
 
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")

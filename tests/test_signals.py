@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO
 
 MB = os.path.join(REPO, "train_MB", "main.py")
@@ -22,7 +21,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from utils.digits import make_digits
+    from utils.data.digits import make_digits
 
     root = tmp_path_factory.mktemp("sigdata")
     make_digits(str(root), size=16, per_class=30)

@@ -10,13 +10,15 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, load_script
 from PIL import Image
 
-from conftest import REPO, load_script
-from utils import checkpoint as ckpt_io
-from utils import grid_runner, table, table_cells
-from utils.flags import build_parser, image_extension
-from utils.run_state import write_json_atomic
+from utils.table import cells as table_cells
+from utils.table import command as table
+from utils.table import grid_runner, identity
+from utils.training import checkpoint as ckpt_io
+from utils.training.checkpoint import write_json_atomic
+from utils.training.flags import build_parser, image_extension
 
 FAST = ["--no-pretrained", "--img-size", "16", "-b", "16", "--lr", "0.01", "--num_workers", "0", "--device", "cpu"]
 
@@ -41,7 +43,7 @@ def recorded_args(method, dataset, bits, seed, extra=()):
 
 def cpu_environment(threads=None):
     """What a CPU cell started here now records as its environment (one process, this torch)."""
-    env = table_cells.cell_environment({"device": "cpu", "model": "resnet18"})
+    env = identity.cell_environment({"device": "cpu", "model": "resnet18"})
     return env if threads is None else dict(env, cpu_threads=threads)
 
 
@@ -286,7 +288,7 @@ def test_epochs_done_against_epochs_asked(tmp_path, ran, ckpt_epoch, asked, stat
                        args=recorded_args("mb", "digits", 8, 0, ["--epochs", str(ran)]))
     if ckpt_epoch is not None:
         write_checkpoint(folder, ckpt_epoch, recorded_args("mb", "digits", 8, 0, ["--epochs", str(max(ran, ckpt_epoch))]))
-    found = table_cells.assess(cell, out, extra=["--epochs", str(asked)])
+    found = identity.assess(cell, out, extra=["--epochs", str(asked)])
     assert found.state == state and words in found.reason
 
 
@@ -322,7 +324,7 @@ def test_lr_grid_chooses_on_val_never_on_test_and_counts_every_run(tmp_path, cap
 
 
 def test_a_tie_on_val_goes_to_the_rate_listed_first():
-    from utils.table_report import choose_lr
+    from utils.table.report import choose_lr
     runs = [{"lr": 0.001, "val": 50.0}, {"lr": 0.01, "val": 50.0}, {"lr": 0.1, "val": 49.0}]
     assert choose_lr(runs, [0.01, 0.001, 0.1])[0] == 0.01 and choose_lr(runs, [0.001, 0.01, 0.1])[0] == 0.001
 
@@ -492,11 +494,11 @@ def test_real_runs_finish_are_skipped_then_trained_on_with_more_epochs(tiny_root
     copy = str(tmp_path / "moved")
     shutil.copytree(os.path.join(tiny_root, "digits"), os.path.join(copy, "digits"))
     cell, extra = table.Cell("mb", "digits", 8, 0), FAST + ["--epochs", "2"]
-    assert table_cells.assess(cell, out, copy, extra).state == "finished"
+    assert identity.assess(cell, out, copy, extra).state == "finished"
     shutil.copy(os.path.join(copy, "digits", "3", os.listdir(os.path.join(copy, "digits", "3"))[0]),
                 os.path.join(copy, "digits", "3", "extra.png"))
-    table_cells.current_split.cache_clear()
-    found = table_cells.assess(cell, out, copy, extra)
+    identity.current_split.cache_clear()
+    found = identity.assess(cell, out, copy, extra)
     assert found.state == "stale" and "the split now (the 70/10/20 split of " in found.reason
 
 
@@ -536,7 +538,7 @@ def test_a_run_made_with_the_cached_pipeline_is_not_the_auto_cell_on_a_cpu(tmp_p
     assert table.main([*DHCNN_CELL, "--out", out, "--report", str(tmp_path / "r"), "--", *DHCNN_FLAGS,
                        "--pipeline", "cached"]) == 0
     assert "skipped digits dhcnn_16bit_seed0: finished" in capsys.readouterr().out
-    found = table_cells.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=[*DHCNN_FLAGS, "--pipeline", "pil"])
+    found = identity.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=[*DHCNN_FLAGS, "--pipeline", "pil"])
     assert found.state == "stale" and found.reason == "--pipeline 'pil' asked, the run's 'cached'"
     # Commands run elsewhere (--print-commands, --slurm): auto is the node's choice, the run's is taken.
     assert table.main([*DHCNN_CELL, "--out", out, "--print-commands", "--", *DHCNN_FLAGS]) == 0
@@ -556,34 +558,34 @@ def test_a_run_that_recorded_auto_counts_as_pil_only_where_nothing_else_can_have
     record = json.load(open(os.path.join(folder, "results.json")))
     record["device"] = device
     json.dump(record, open(os.path.join(folder, "results.json"), "w"))
-    found = table_cells.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS)
+    found = identity.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS)
     assert found.state == state and words in found.reason
 
 
 def test_auto_resolves_on_cuda_by_the_listed_images_and_the_ram(tiny_root, monkeypatch):
-    from utils import flags
+    from utils.data import pipeline
     wanted = table_cells.wanted_flags(table.Cell("dhcnn", "digits", 16, 0), tiny_root, DHCNN_FLAGS)
-    n = table_cells.current_split(tiny_root, "digits", "png", None)[1]
+    n = identity.current_split(tiny_root, "digits", "png", None)[1]
     assert n == 120  # 12 per class, listed (not decoded)
-    monkeypatch.setattr(flags, "available_memory", lambda: 2 * n * 3 * 16 ** 2)
-    assert table_cells.resolve_pipeline(wanted, "cuda")[0] == "cached"
-    monkeypatch.setattr(flags, "available_memory", lambda: 2 * n * 3 * 16 ** 2 - 1)
-    assert table_cells.resolve_pipeline(wanted, "cuda")[0] == "pil"
-    assert table_cells.resolve_pipeline(dict(wanted, bands=13), "cuda")[0] == "pil"
-    pipeline, why = table_cells.resolve_pipeline(dict(wanted, data="/no/such/data"), "cuda")
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 2 * n * 3 * 16 ** 2)
+    assert identity.resolve_pipeline(wanted, "cuda")[0] == "cached"
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 2 * n * 3 * 16 ** 2 - 1)
+    assert identity.resolve_pipeline(wanted, "cuda")[0] == "pil"
+    assert identity.resolve_pipeline(dict(wanted, bands=13), "cuda")[0] == "pil"
+    pipeline, why = identity.resolve_pipeline(dict(wanted, data="/no/such/data"), "cuda")
     assert pipeline is None and "cannot be listed here" in why
 
 
 def test_weights_are_compared_by_their_content_not_their_path(tmp_path, capsys, no_runs):
     """Issue 21, case 2: the weights file overwritten with other weights is another cell."""
-    from utils.run_state import file_sha256
+    from utils.training.records import file_sha256
     out, weights = str(tmp_path / "out"), tmp_path / "w.pth"
     weights.write_bytes(b"weights one")
     first = file_sha256(str(weights))
     folder = dhcnn_run(out, weights=str(tmp_path / "elsewhere.pth"), weights_sha256=first, no_pretrained=False)
     flags = [f for f in DHCNN_FLAGS if f != "--no-pretrained"] + ["--weights", str(weights)]
     cell = table.Cell("dhcnn", "digits", 16, 0)
-    assert table_cells.assess(cell, out, extra=flags).state == "finished"  # same bytes, another path: the same
+    assert identity.assess(cell, out, extra=flags).state == "finished"  # same bytes, another path: the same
     time_ns = os.stat(weights).st_mtime_ns
     weights.write_bytes(b"weights two")
     os.utime(weights, ns=(time_ns + 10**9, time_ns + 10**9))
@@ -598,35 +600,35 @@ def test_weights_are_compared_by_their_content_not_their_path(tmp_path, capsys, 
     record = json.load(open(os.path.join(folder, "results.json")))
     del record["args"]["weights_sha256"]
     json.dump(record, open(os.path.join(folder, "results.json"), "w"))
-    found = table_cells.assess(cell, out, extra=flags)
+    found = identity.assess(cell, out, extra=flags)
     assert found.state == "stale" and found.reason == (
         f"the run recorded no sha256 of its --weights {tmp_path / 'elsewhere.pth'} (made before runs recorded it), "
         f"so it cannot be checked against {weights} now (sha256 {second[:12]}...)")
     weights.unlink()
     record["args"]["weights_sha256"] = first
     json.dump(record, open(os.path.join(folder, "results.json"), "w"))
-    assert "cannot be read now (No such file or directory)" in table_cells.assess(cell, out, extra=flags).reason
+    assert "cannot be read now (No such file or directory)" in identity.assess(cell, out, extra=flags).reason
     # torchgeo weights by their name.
     dhcnn_run(str(tmp_path / "geo"), weights="torchgeo:ResNet18_Weights.SENTINEL2_RGB_MOCO", no_pretrained=False)
     geo = [f for f in DHCNN_FLAGS if f != "--no-pretrained"] + ["--weights", "torchgeo:ResNet18_Weights.SENTINEL2_RGB_SECO"]
-    found = table_cells.assess(cell, str(tmp_path / "geo"), extra=geo)
+    found = identity.assess(cell, str(tmp_path / "geo"), extra=geo)
     assert found.state == "stale" and "--weights 'torchgeo:ResNet18_Weights.SENTINEL2_RGB_SECO' asked" in found.reason
 
 
 def test_a_files_sha256_is_read_once_per_state(tmp_path):
-    from utils import run_state
+    from utils.training import records
     path = tmp_path / "w.pth"
     path.write_bytes(b"x" * 100)
-    run_state._file_sha256.cache_clear()
-    digest = run_state.file_sha256(str(path))
+    records._file_sha256.cache_clear()
+    digest = records.file_sha256(str(path))
     assert digest == __import__("hashlib").sha256(b"x" * 100).hexdigest()
     for _ in range(3):
-        run_state.file_sha256(str(path))
-    assert run_state._file_sha256.cache_info().misses == 1
+        records.file_sha256(str(path))
+    assert records._file_sha256.cache_info().misses == 1
     path.write_bytes(b"y" * 101)  # another size: read again
-    assert run_state.file_sha256(str(path)) != digest and run_state._file_sha256.cache_info().misses == 2
-    assert run_state.weights_sha256("torchgeo:ResNet18_Weights.SENTINEL2_RGB_MOCO") is None
-    assert run_state.weights_sha256(None) is None
+    assert records.file_sha256(str(path)) != digest and records._file_sha256.cache_info().misses == 2
+    assert records.weights_sha256("torchgeo:ResNet18_Weights.SENTINEL2_RGB_MOCO") is None
+    assert records.weights_sha256(None) is None
 
 
 def test_a_cell_made_under_other_cpu_threads_stops_the_table(tmp_path, capsys, monkeypatch, no_runs):
@@ -653,7 +655,7 @@ def test_a_cell_made_under_other_cpu_threads_stops_the_table(tmp_path, capsys, m
             "environment than a cell here would get: cpu_threads 2 (now 1).") in md
     # Two threads again: the cell is the asked-for one.
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert table_cells.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS).environment == ""
+    assert identity.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS).environment == ""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     ran = []
     monkeypatch.setattr(table, "run", lambda jobs, args: ran.extend(jobs) or ([], None))
@@ -674,7 +676,7 @@ def test_the_environment_a_run_recorded_is_compared_part_by_part(tmp_path, chang
     record = json.load(open(os.path.join(folder, "results.json")))
     del record["device"]  # only the environment says where it ran
     json.dump(record, open(os.path.join(folder, "results.json"), "w"))
-    found = table_cells.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS)
+    found = identity.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS)
     assert found.state == "finished" and words in found.environment, found
 
 
@@ -684,28 +686,28 @@ def test_a_run_from_before_the_environment_record_is_not_taken_for_this_one(tmp_
     record = json.load(open(os.path.join(folder, "results.json")))
     del record["environment"]
     json.dump(record, open(os.path.join(folder, "results.json"), "w"))
-    found = table_cells.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS)
+    found = identity.assess(table.Cell("dhcnn", "digits", 16, 0), out, extra=DHCNN_FLAGS)
     assert found.environment == "recorded no environment (made before runs recorded it)"
 
 
 def test_the_cells_environment_on_gpus_follows_the_place_and_the_amp_dtype(monkeypatch):
     seen = {"torch": "2.14.1", "cpu_threads": 16, "cuda": "13.0", "cudnn": 92400, "gpus_bf16": [True, False],
             "mps": False}
-    monkeypatch.setattr(table_cells, "probe", lambda: seen)
+    monkeypatch.setattr(identity, "probe", lambda: seen)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")
     wanted = {"device": "auto", "amp": True, "model": "resnet18"}
-    assert table_cells.cell_environment(wanted, gpu="4")["amp_dtype"] == "bfloat16"
-    env = table_cells.cell_environment(wanted, gpu="7")  # a GPU without bfloat16: float16, as the trainer picks
+    assert identity.cell_environment(wanted, gpu="4")["amp_dtype"] == "bfloat16"
+    env = identity.cell_environment(wanted, gpu="7")  # a GPU without bfloat16: float16, as the trainer picks
     assert env["device"] == "cuda" and env["amp_dtype"] == "float16" and env["world_size"] == 1
-    assert table_cells.cell_environment(wanted, trains=False)["amp_dtype"] is None  # LSH/ITQ: no autocast
-    assert table_cells.cell_environment(dict(wanted, device="cpu"))["amp_dtype"] == "bfloat16"
+    assert identity.cell_environment(wanted, trains=False)["amp_dtype"] is None  # LSH/ITQ: no autocast
+    assert identity.cell_environment(dict(wanted, device="cpu"))["amp_dtype"] == "bfloat16"
     args = {"amp": True, "model": "resnet18"}
     recorded = dict(env, amp_dtype="bfloat16", cpu_threads=2)  # threads do not count on a GPU
-    assert table_cells.environment_difference(env, [recorded], args) == (
+    assert identity.environment_difference(env, [recorded], args) == (
         "ran in another environment than a cell here would get: amp_dtype bfloat16 (now float16)")
-    assert table_cells.environment_difference(env, [dict(env, cpu_threads=2)], args) == ""
+    assert identity.environment_difference(env, [dict(env, cpu_threads=2)], args) == ""
     timm = dict(wanted, model="convnext_atto")
-    assert "timm" in table_cells.cell_environment(timm, gpu="4") and "timm" not in env
+    assert "timm" in identity.cell_environment(timm, gpu="4") and "timm" not in env
 
 
 @pytest.mark.parametrize("extra, words", [

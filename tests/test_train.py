@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
 
 SCRIPTS = {"MU": os.path.join(REPO, "train", "main.py"), "MB": os.path.join(REPO, "train_MB", "main.py")}
@@ -114,8 +113,9 @@ def test_amp_and_cached_pipeline_on_the_cpu(variant, tiny_root, tmp_path, monkey
     """--amp (bfloat16 autocast) with the cached batch pipeline, a few steps, on a CPU taken to
     compute bfloat16 natively (this one may not: --amp would then be refused)."""
     from conftest import load_script
-    from utils import flags
-    from utils.trainer import run
+
+    from utils.training import flags
+    from utils.training.trainer import run
 
     monkeypatch.setattr(flags, "cpu_supports_bf16", lambda: True)
     module = load_script("train" if variant == "MU" else "train_MB")
@@ -136,7 +136,7 @@ def test_amp_and_cached_pipeline_on_the_cpu(variant, tiny_root, tmp_path, monkey
 
 
 def test_epoch_batches_cover_every_sample_once_and_never_leave_a_rank_one_sample():
-    from utils.splits import EpochBatches
+    from utils.data.splits import EpochBatches
 
     def epoch(n, b, world=1, min_per_rank=1, seed=3):
         per_rank = []

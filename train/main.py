@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils import distributed as dist  # noqa: E402
 from utils.cdne import CDNE  # noqa: E402
 from utils.memory import MemoryUnit  # noqa: E402
-from utils.trainer import run  # noqa: E402
+from utils.training.trainer import run  # noqa: E402
 
 
 class MemoryUnitCDNE(CDNE):

@@ -4,8 +4,8 @@ memory's rows: train/main.py (a key encoder) and train_MB/main.py (the network i
 """
 import torch.nn.functional as F
 
-from .losses import CDNELoss, QuantizationLoss, chunked_cdne_loss, use_chunked_loss
-from .method import Method
+from utils.losses import CDNELoss, QuantizationLoss, chunked_cdne_loss, use_chunked_loss
+from utils.method import Method
 
 
 class CDNE(Method):

@@ -16,7 +16,7 @@ Computed in float64 on the CPU; returned as float32 on the features' device.
 """
 import torch
 
-from .errors import UserError
+from utils.errors import UserError
 
 
 def sign(x):

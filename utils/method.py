@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import distributed as dist
+from utils import distributed as dist
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -9,11 +9,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import distributed as dist
-from ..checkpoint import write_failure
-from ..errors import UserError
-from .index_file import CODE_KEYS, IndexWriter, indexed_among, read_index_header
-from .network import ImageFiles, transform_of
+from utils import distributed as dist
+from utils.errors import UserError
+from utils.retrieval.index_file import CODE_KEYS, IndexWriter, indexed_among, read_index_header
+from utils.retrieval.network import ImageFiles, transform_of
+from utils.training.checkpoint import write_failure
 
 
 def share(n):

@@ -4,19 +4,19 @@ import json
 import os
 import sys
 
-from .. import distributed as dist
-from ..data import SceneDataset, remove_unreadable
-from ..evaluation import every_metric
-from ..flags import REPO_ROOT, image_extension, select_device
-from ..errors import UserError, exit_on_user_error
-from ..visualize import retrieval_grid
-from .build import write_index
-from .engine_store import BUILD_FLAGS, attach, engine_params
-from .index_file import check_compatible, check_weights, load_index
-from .network import Loaded, encode_files
-from .outputs import check_index_out, check_writable, existing
-from .parser import ENGINE_FLAGS, build_parser
-from .search import BinaryIndex
+from utils import distributed as dist
+from utils.data.scenes import SceneDataset, remove_unreadable
+from utils.errors import UserError, exit_on_user_error
+from utils.evaluation.encoding import every_metric
+from utils.evaluation.pictures import retrieval_grid
+from utils.retrieval.build import write_index
+from utils.retrieval.engine_store import BUILD_FLAGS, attach, engine_params
+from utils.retrieval.index_file import check_compatible, check_weights, load_index
+from utils.retrieval.network import Loaded, encode_files
+from utils.retrieval.outputs import check_index_out, check_writable, existing
+from utils.retrieval.parser import ENGINE_FLAGS, build_parser
+from utils.retrieval.search import BinaryIndex
+from utils.training.flags import REPO_ROOT, image_extension, select_device
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -35,7 +35,7 @@ def resolve_dataset_flags(args, loaded):
     """--dataset, --data and --imgEXT as given, else as the checkpoint's run had them.
 
     Returns the names of the settings taken from the checkpoint."""
-    run, taken = loaded.args, []
+    run, taken = loaded.flags, []
     if not args.dataset:
         args.dataset = run.get("dataset") or loaded.config.get("dataset")
         if not args.dataset:

@@ -19,10 +19,9 @@ import time
 
 import numpy as np
 
-from ..checkpoint import write_atomically
-from ..errors import UserError
-from ..run_state import write_json_atomic
-from .engines import ENGINES
+from utils.errors import UserError
+from utils.retrieval.engines import ENGINES
+from utils.training.checkpoint import write_atomically, write_json_atomic
 
 # The flags that shape each kept structure (multi-index hashing is not kept: see attach).
 BUILD_FLAGS = {name: ENGINES[name].build_flags() for name in ("ivf", "hnsw")}

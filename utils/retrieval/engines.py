@@ -10,7 +10,7 @@
 
 Their results are what faiss finds, ordered by (distance, database index), -1 where it found
 fewer than k (IVF with nprobe >= nlist runs the exact scan: the exact engine's answer, ids
-included); recall against the exact index, counted by distance (search.recall_by_distance), is
+included); recall against the exact index, counted by distance (exact.recall_by_distance), is
 in docs/benchmarks.md. Below nlist, IVF's choice among codes tied at the k-th distance is faiss's:
 settling it by index changes no result's distance and cost 1.3 to 5.5 times the search at
 nprobe 16 and 64 (`benchmarks/bench_search.py --ivf-ties`, docs/benchmarks.md section 8).
@@ -22,17 +22,11 @@ import math
 import faiss
 import numpy as np
 
-from ..errors import UserError
+from utils.errors import UserError
+from utils.retrieval.exact import exact_search, sort_results
 
 ADD_ROWS = 1 << 20
 TRAIN_PER_LIST = 40  # k-means sample: this many codes per cluster (faiss warns below 39)
-
-
-def sort_results(dist, idx):
-    """Each row ordered by (distance, database index); -1 indices (not found) last."""
-    key_dist = np.where(idx < 0, np.iinfo(np.int64).max, dist)
-    order = np.lexsort((idx, key_dist), axis=1)
-    return np.take_along_axis(dist, order, 1), np.take_along_axis(idx, order, 1)
 
 
 class ApproximateEngine:
@@ -124,7 +118,6 @@ class IVF(ApproximateEngine):
                 # keeps docs/method.md section 6's tie rule, where faiss's scan of the lists keeps
                 # its own choice among codes tied at the k-th distance (other ids than the exact
                 # engine's), in about the same time (docs/benchmarks.md section 8).
-                from .search import exact_search  # here: search.py imports this module
                 return exact_search(queries, codes, k)
         return super().search(queries, codes, k)
 

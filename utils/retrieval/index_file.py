@@ -25,10 +25,10 @@ import sys
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt_io
-from ..errors import UserError
-from ..run_state import write_json_atomic
-from .search import HEADER_BYTES, BinaryIndex, encode_header, read_header
+from utils.errors import UserError
+from utils.retrieval.search import HEADER_BYTES, BinaryIndex, encode_header, read_header
+from utils.training import checkpoint as ckpt_io
+from utils.training.checkpoint import write_json_atomic
 
 INDEX_FORMAT = "cdne-index"
 INDEX_VERSION = 3  # 2: "weights_sha256"; 3: a folder of packed codes, labels, paths (opens memory-mapped)

@@ -4,12 +4,13 @@ from contextlib import nullcontext
 
 from torch.utils.data import DataLoader, Dataset
 
-from .. import checkpoint as ckpt_io
-from ..data import read_image
-from ..evaluation import encode
-from ..models import HashingNet
-from ..weights import eval_transform_for, model_channels
-from .index_file import weights_fingerprint
+from utils.backbones.input_spec import model_channels
+from utils.data.scenes import read_image
+from utils.data.transforms import eval_transform_for
+from utils.evaluation.encoding import encode
+from utils.models import HashingNet
+from utils.retrieval.index_file import weights_fingerprint
+from utils.training import checkpoint as ckpt_io
 
 
 class ImageFiles(Dataset):
@@ -33,8 +34,8 @@ class Loaded:
 
     def __init__(self, path, device):
         ckpt = ckpt_io.load_checkpoint(path)
-        self.path, self.config, self.args = path, ckpt["config"], ckpt.get("args") or {}
-        self.config.setdefault("in_channels", self.args.get("bands", 3))
+        self.path, self.config, self.flags = path, ckpt["config"], ckpt.get("args") or {}
+        self.config.setdefault("in_channels", self.flags.get("bands", 3))
         self.fingerprint = weights_fingerprint(ckpt["model"])
         # The trunk's own channels and size (a timm transformer's position embeddings follow img_size).
         model = HashingNet(self.config["arch"], self.config["num_classes"], self.config["dim"], pretrained=False,

@@ -3,7 +3,7 @@ import json
 import os
 import tempfile
 
-from ..errors import UserError
+from utils.errors import UserError
 
 
 def check_writable(path, flag):

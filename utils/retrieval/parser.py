@@ -24,7 +24,7 @@ checked before encoding.
 """
 import argparse
 
-from .engines import ENGINES
+from utils.retrieval.engines import ENGINES
 
 # The flags of each approximate engine (utils/retrieval/engines.py says what they do).
 ENGINE_FLAGS = {name: tuple(cls.defaults) for name, cls in ENGINES.items()}

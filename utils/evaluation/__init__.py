@@ -2,7 +2,7 @@
 the test pictures.
 
     encoding.py   encode, evaluate, every_metric, the precision-at-K curve, TensorBoard tags
-    pictures.py   retrieval grids, thumbnails, bit balance; the table's matplotlib figures
+    pictures.py   retrieval grids, thumbnails, bit balance
 """
 from utils.evaluation.encoding import encode, evaluate, every_metric, precision_at_k_curve
 

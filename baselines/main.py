@@ -12,20 +12,29 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from baselines.csq import CSQ  # noqa: E402
 from baselines.dhcnn import DHCNN  # noqa: E402
+from baselines.dpn import DPN  # noqa: E402
 from baselines.dpsh import DPSH  # noqa: E402
 from baselines.features import ITQ, LSH, run_features  # noqa: E402
+from baselines.greedyhash import GreedyHash  # noqa: E402
+from baselines.orthohash import OrthoHash  # noqa: E402
 from baselines.triplet import Triplet  # noqa: E402
 from utils.training.flags import ArgumentParser  # noqa: E402
 from utils.training.trainer import run  # noqa: E402
 
-METHODS = {"lsh": LSH, "itq": ITQ, "dpsh": DPSH, "triplet": Triplet, "dhcnn": DHCNN}
+METHODS = {"lsh": LSH, "itq": ITQ, "dpsh": DPSH, "triplet": Triplet, "dhcnn": DHCNN,
+           "csq": CSQ, "orthohash": OrthoHash, "dpn": DPN, "greedyhash": GreedyHash}
 DESCRIPTIONS = {
     "lsh": "CNN+LSH: random projections of ImageNet features (no training)",
     "itq": "CNN+PCA-ITQ: iterative quantisation of PCA-reduced ImageNet features (no training)",
     "dpsh": "DPSH: deep pairwise-supervised hashing",
     "triplet": "Triplet: deep hashing with a triplet loss on hardest negatives",
     "dhcnn": "DHCNN: pairwise loss within the batch plus a classifier",
+    "csq": "CSQ: central similarity quantisation, BCE to Hadamard class centres (Yuan et al. 2020)",
+    "orthohash": "OrthoHash: cosine-margin cross-entropy against a fixed +-1 codebook (Hoe et al. 2021)",
+    "dpn": "DPN: deep polarized network, hinge of each bit against class targets (Fan et al. 2020)",
+    "greedyhash": "GreedyHash: classifier on straight-through sign codes (Su et al. 2018)",
 }
 
 
@@ -36,7 +45,7 @@ def main(argv=None):
     chosen, _ = pick.parse_known_args(argv)
     if chosen.method is None:
         usage = "python baselines/main.py --method {" + ",".join(METHODS) + "} [flags]"
-        print(f"usage: {usage}\n\n" + "\n".join(f"  {k:8s} {v}" for k, v in DESCRIPTIONS.items())
+        print(f"usage: {usage}\n\n" + "\n".join(f"  {k:10s} {v}" for k, v in DESCRIPTIONS.items())
               + "\n\nerror: --method is required; `--method dpsh --help` lists a method's flags", file=sys.stderr)
         return 2
 

@@ -23,6 +23,9 @@ METHODS = {
     "dpsh": ("DPSH", BASELINES, "DPSH"),
     "itq": ("CNN+PCA-ITQ", BASELINES, "ITQ"),
     "lsh": ("CNN+LSH", BASELINES, "LSH"),
+    # Not in the paper's Table I (no paper value): later methods, each as its authors' public code has it.
+    "csq": ("CSQ", BASELINES, "CSQ"), "orthohash": ("OrthoHash", BASELINES, "OrthoHash"),
+    "dpn": ("DPN", BASELINES, "DPN"), "greedyhash": ("GreedyHash", BASELINES, "GreedyHash"),
 }
 VARIANT_KEYS = {variant.lower(): key for key, (_, _, variant) in METHODS.items()}
 FEATURE_METHODS = ("itq", "lsh")  # train nothing: one run whatever the learning rates or epochs

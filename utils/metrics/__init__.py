@@ -18,6 +18,11 @@ Definitions (per query, then averaged over all queries unless said otherwise):
   recall = relevant within r / all relevant in the database, averaged over the queries that
   have at least one relevant database item.
 * K or R larger than the database is capped at the database size.
+* ties="expected" (every function below that ranks): P@K, AP@R and mAP as their expectation over
+  uniformly random orders within each group of items at equal distance (McSherry and Najork,
+  ECIR 2008), in closed form from the per-distance counts (utils/metrics/ties.py, derivation
+  there); P@H<=r and the PR curve do not depend on the order inside a distance, so they are
+  the same as with ties="index" (the default, the ranking above).
 
 reference_metrics, first below, is this definition in code: a stable sort of each query's
 distances, then the formulas above read off the ranked list. retrieval_metrics and the
@@ -33,6 +38,9 @@ import torch.nn.functional as F
 
 from utils.metrics.codes import binarize  # noqa: F401 - part of this module's interface
 from utils.metrics.rank_counting import RankCounts
+from utils.metrics.ties import ExpectedRanks
+
+TIES = ("index", "expected")  # ties broken by database index (the ranking above), or their expectation
 
 # ----------------------------------------------------------------------------- the definition
 
@@ -105,43 +113,82 @@ def reference_metrics(query_codes, query_labels, db_codes, db_labels, topk=(20, 
 # The same numbers without sorting: utils/metrics/rank_counting.py (about 5x faster at NWPU-RESISC45
 # size on a CPU, docs/benchmarks.md); the tests compare it with the reference above.
 
-def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, topk=(20, 100), radius=2,
-                      chunk_size=None, with_pr=False, max_bytes=None):
-    """All section-6 metrics from one pass over the Hamming distances.
+def check_ties(ties):
+    """`ties` is one of TIES, or ValueError."""
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {', '.join(TIES)}, got {ties!r}")
+    return ties
 
-    Returns a dict of floats: "mAP" (whole ranking), "mAP@K" and "P@K" for each K in `topk`
-    (K capped at the database size), and f"P@H<={radius}". With `with_pr=True` it also has
-    "pr_precision" and "pr_recall", lists indexed by Hamming radius 0..L (definitions in the
-    module docstring). `chunk_size` forces the number of queries per chunk; by default
-    chunks are sized so that their working memory stays under about `max_bytes`.
-    """
-    topk = tuple(int(k) for k in (topk if isinstance(topk, (tuple, list)) else (topk,)))
-    s = RankCounts(query_codes, query_labels, db_codes, db_labels, topk, radius, chunk_size, max_bytes)
-    out = {"mAP": s.mean(s.ap)}
-    for k in topk:
-        out[f"mAP@{k}"] = s.mean(s.ap_at[k])
-    for k in topk:
-        out[f"P@{k}"] = s.mean(s.p_at[k])
-    out[f"P@H<={radius}"] = s.mean(s.p_radius)
+
+def _topk(topk):
+    return tuple(int(k) for k in (topk if isinstance(topk, (tuple, list)) else (topk,)))
+
+
+def metrics_of(s, ties="index", with_pr=False):
+    """retrieval_metrics' dict from a RankCounts `s` (its topk and radius), index order or expected."""
+    check_ties(ties)
+    if ties == "expected":
+        e = ExpectedRanks(s.cum_all, s.cum_rel, s.n_db)
+        ap, ap_at, p_at = e.average_precision, e.average_precision, e.precision_at
+    else:
+        ap, ap_at, p_at = (lambda: s.ap), s.ap_at.__getitem__, s.p_at.__getitem__
+    out = {"mAP": s.mean(ap())}
+    for k in s.topk:
+        out[f"mAP@{k}"] = s.mean(ap_at(k))
+    for k in s.topk:
+        out[f"P@{k}"] = s.mean(p_at(k))
+    out[f"P@H<={s.radius}"] = s.mean(s.p_radius)   # order inside a distance plays no part: the same for both
     if with_pr:
         precision, recall = s.pr()
         out["pr_precision"], out["pr_recall"] = precision.tolist(), recall.tolist()
     return out
 
 
-def mean_average_precision(query_codes, query_labels, db_codes, db_labels, topk=None, **kw):
+def retrieval_metrics(query_codes, query_labels, db_codes, db_labels, topk=(20, 100), radius=2,
+                      chunk_size=None, with_pr=False, max_bytes=None, ties="index"):
+    """All section-6 metrics from one pass over the Hamming distances.
+
+    Returns a dict of floats: "mAP" (whole ranking), "mAP@K" and "P@K" for each K in `topk`
+    (K capped at the database size), and f"P@H<={radius}". With `with_pr=True` it also has
+    "pr_precision" and "pr_recall", lists indexed by Hamming radius 0..L (definitions in the
+    module docstring). `chunk_size` forces the number of queries per chunk; by default
+    chunks are sized so that their working memory stays under about `max_bytes`. ties="expected":
+    the same keys, each its expectation over random orders within the ties (module docstring).
+    """
+    check_ties(ties)
+    s = RankCounts(query_codes, query_labels, db_codes, db_labels, _topk(topk), radius, chunk_size, max_bytes)
+    return metrics_of(s, ties, with_pr)
+
+
+def retrieval_metrics_by_ties(query_codes, query_labels, db_codes, db_labels, topk=(20, 100), radius=2,
+                              chunk_size=None, with_pr=False, max_bytes=None):
+    """{"index": retrieval_metrics(...), "expected": retrieval_metrics(..., ties="expected")} from one
+    counting pass (the expected values need only its per-distance counts)."""
+    s = RankCounts(query_codes, query_labels, db_codes, db_labels, _topk(topk), radius, chunk_size, max_bytes)
+    return {ties: metrics_of(s, ties, with_pr) for ties in TIES}
+
+
+def mean_average_precision(query_codes, query_labels, db_codes, db_labels, topk=None, ties="index", **kw):
     """mAP@R with R = `topk` (capped at the database size), or over the whole ranking when None.
 
     AP@R divides by the number of relevant items among the first R (not by all relevant
     items); a query with no relevant item there has AP 0 and still counts in the mean.
+    ties="expected": its expectation over random orders within the ties.
     """
+    check_ties(ties)
     s = RankCounts(query_codes, query_labels, db_codes, db_labels, () if topk is None else (int(topk),), **kw)
+    if ties == "expected":
+        return s.mean(ExpectedRanks(s.cum_all, s.cum_rel, s.n_db).average_precision(topk))
     return s.mean(s.ap if topk is None else s.ap_at[int(topk)])
 
 
-def precision_at_k(query_codes, query_labels, db_codes, db_labels, k, **kw):
-    """Mean over queries of (relevant among the first k) / k, k capped at the database size."""
+def precision_at_k(query_codes, query_labels, db_codes, db_labels, k, ties="index", **kw):
+    """Mean over queries of (relevant among the first k) / k, k capped at the database size.
+    ties="expected": its expectation over random orders within the ties."""
+    check_ties(ties)
     s = RankCounts(query_codes, query_labels, db_codes, db_labels, (int(k),), **kw)
+    if ties == "expected":
+        return s.mean(ExpectedRanks(s.cum_all, s.cum_rel, s.n_db).precision_at(k))
     return s.mean(s.p_at[int(k)])
 
 

@@ -13,7 +13,7 @@ from tensorboardX import SummaryWriter
 
 from utils import distributed as dist
 from utils.data.splits import Splits
-from utils.evaluation.encoding import encode, evaluate, log_test_pictures, precision_at_k_curve, tb_tag
+from utils.evaluation.encoding import encode, evaluate, log_test_pictures, precision_at_k_curves, tb_tag
 from utils.hashing import fit_itq, fit_lsh
 from utils.method import Method
 from utils.models import network_for
@@ -63,7 +63,7 @@ class _Pooled(torch.nn.Module):
 def run_features(method_cls, args):
     """Encode, fit, evaluate val and test once, and write the run folder; returns 0. The flags are
     resolved once (utils/training/settings.py); the method's fit reads its own (--dim, --seed, ...)."""
-    s = resolve(args, method_cls.name)
+    s = resolve(args, method_cls.name, method_cls.head)
     device = s.device
     splits = Splits(s.data, s.loader, s.input)
     record_splits(args, splits)
@@ -80,15 +80,17 @@ def run_features(method_cls, args):
         model.fc1.weight.copy_(projection.t())
         model.fc1.bias.copy_(-(mean @ projection))
     seconds = time.perf_counter() - started
-    val = evaluate(model, splits, "val", device, s.topk, autocast)
-    test, q_codes, db_codes = evaluate(model, splits, "test", device, s.topk, autocast, return_codes=True)
-    test["precision_at_k"] = precision_at_k_curve(q_codes, splits.test.labels.to(device), db_codes,
-                                                  splits.db.labels.to(device))
+    val, val_tie_aware = evaluate(model, splits, "val", device, s.topk, autocast, tie_aware=True)
+    test, test_tie_aware, q_codes, db_codes = evaluate(model, splits, "test", device, s.topk, autocast,
+                                                       return_codes=True, tie_aware=True)
+    curves = precision_at_k_curves(q_codes, splits.test.labels.to(device), db_codes, splits.db.labels.to(device))
+    test["precision_at_k"], test_tie_aware["precision_at_k"] = curves["index"], curves["expected"]
     config = run_config(method_cls.name, s.model, s.data, splits)
     env = environment(device, None, s.model.arch)  # full precision: no autocast dtype
     flags = plain_args(args)
     results = {"variant": method_cls.name, "dataset": s.data.dataset, "run_dir": folder.path, "best_epoch": 0,
-               "val": val, "test": test, "args": flags, "train_seconds": seconds,
+               "val": val, "test": test, "val_tie_aware": val_tie_aware, "test_tie_aware": test_tie_aware,
+               "args": flags, "train_seconds": seconds,
                "device": device_kind(device), "world_size": dist.world_size(), "environment": env,
                "environments": [env]}
     if dist.is_main():

@@ -1,16 +1,19 @@
 """Evaluation: encode a split, score its queries against the database, and the test pictures.
 
 The database is the train split with the eval transform; codes are the signs of the relaxed
-codes f (docs/method.md section 6).
+codes f (docs/method.md section 6). Each metric comes two ways from one counting pass: with ties
+at equal Hamming distance broken by database index (the ranking of section 6, which chooses the
+best epoch) and as its expectation over random orders within the ties (ties="expected").
 """
 import torch
 from tqdm import tqdm
 
 from utils import distributed as dist
 from utils.evaluation.pictures import bit_balance, retrieval_grid, to_chw
-from utils.metrics import retrieval_metrics
+from utils.metrics import TIES, check_ties, metrics_of
 from utils.metrics.codes import hamming_topk
 from utils.metrics.rank_counting import RankCounts
+from utils.metrics.ties import ExpectedRanks
 
 
 @torch.no_grad()
@@ -31,31 +34,56 @@ def encode(model, loader, n, dim, device, autocast, desc):
     return codes
 
 
-def evaluate(model, splits, split, device, topk, autocast, return_codes=False):
+def evaluate(model, splits, split, device, topk, autocast, return_codes=False, tie_aware=False):
     """Every metric of `split` queries against the train split as database (eval transform), on
     `device`, mAP@R and P@K at R, K = 20, 100 and `topk` (--topk), the PR curve included; with
-    return_codes also the (query, database) codes."""
+    tie_aware, (index-order metrics, tie-aware metrics) in place of the metrics (one counting
+    pass); with return_codes also the (query, database) codes."""
     dim = model.dim
     db_codes = encode(model, splits.eval_loader("train"), len(splits.db), dim, device, autocast, "encode database")
     q = getattr(splits, split)
     q_codes = encode(model, splits.eval_loader(split), len(q), dim, device, autocast, f"encode {split}")
-    metrics = every_metric(q_codes, q.labels.to(device), db_codes, splits.db.labels.to(device), topk)
-    return (metrics, q_codes, db_codes) if return_codes else metrics
+    if tie_aware:
+        both = every_metric_by_ties(q_codes, q.labels.to(device), db_codes, splits.db.labels.to(device), topk)
+        metrics = (both["index"], both["expected"])
+    else:
+        metrics = (every_metric(q_codes, q.labels.to(device), db_codes, splits.db.labels.to(device), topk),)
+    return (*metrics, q_codes, db_codes) if return_codes else (metrics if tie_aware else metrics[0])
 
 
-def every_metric(q_codes, q_labels, db_codes, db_labels, topk):
-    """Every metric, mAP@R and P@K for R, K in 20, 100 and --topk, and the PR curve."""
-    return retrieval_metrics(q_codes, q_labels, db_codes, db_labels, topk=tuple(sorted({20, 100, topk})),
-                             with_pr=True)
+def _every_topk(topk):
+    return tuple(sorted({20, 100, topk}))
 
 
-def precision_at_k_curve(q_codes, q_labels, db_codes, db_labels):
+def every_metric(q_codes, q_labels, db_codes, db_labels, topk, ties="index"):
+    """Every metric, mAP@R and P@K for R, K in 20, 100 and --topk, and the PR curve; ties: "index"
+    (ties broken by database index) or "expected" (utils/metrics/ties.py)."""
+    return every_metric_by_ties(q_codes, q_labels, db_codes, db_labels, topk, (check_ties(ties),))[ties]
+
+
+def every_metric_by_ties(q_codes, q_labels, db_codes, db_labels, topk, ties=TIES):
+    """{ties: every_metric(..., ties)} for each of `ties`, from one counting pass."""
+    s = RankCounts(q_codes, q_labels, db_codes, db_labels, _every_topk(topk))
+    return {t: metrics_of(s, t, with_pr=True) for t in ties}
+
+
+def precision_at_k_curve(q_codes, q_labels, db_codes, db_labels, ties="index"):
     """Mean precision at K over the queries for K = 1, 5, 10, 20, 50, then 100 to 1,000 in
-    steps of 100, capped at the database size (then its last K): the paper's P@K figure."""
+    steps of 100, capped at the database size (then its last K): the paper's P@K figure; ties
+    "index" or "expected" (then each its expectation over random orders within the ties)."""
+    return precision_at_k_curves(q_codes, q_labels, db_codes, db_labels, (check_ties(ties),))[ties]
+
+
+def precision_at_k_curves(q_codes, q_labels, db_codes, db_labels, ties=TIES):
+    """{ties: precision_at_k_curve(..., ties)} for each of `ties`, from one counting pass."""
     n_db = len(db_codes)
     ks = sorted({min(k, n_db) for k in (1, 5, 10, 20, 50, *range(100, 1001, 100))})
     s = RankCounts(q_codes, q_labels, db_codes, db_labels, tuple(ks))
-    return {"k": ks, "precision": [s.mean(s.p_at[k]) for k in ks]}
+    out = {}
+    for t in ties:
+        e = ExpectedRanks(s.cum_all, s.cum_rel, s.n_db) if check_ties(t) == "expected" else None
+        out[t] = {"k": ks, "precision": [s.mean(s.p_at[k] if e is None else e.precision_at(k)) for k in ks]}
+    return out
 
 
 def log_test_pictures(writer, splits, metrics, q_codes, db_codes, bands, step, n_queries=8, k=10):

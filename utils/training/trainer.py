@@ -15,7 +15,7 @@ from tqdm import tqdm
 from utils import distributed as dist
 from utils.data.splits import Splits
 from utils.errors import UserError, exit_on_user_error
-from utils.evaluation.encoding import evaluate, log_test_pictures, precision_at_k_curve, tb_tag
+from utils.evaluation.encoding import evaluate, log_test_pictures, precision_at_k_curves, tb_tag
 from utils.method import StepBatch
 from utils.models import network_for
 from utils.training import checkpoint as ckpt_io
@@ -209,14 +209,16 @@ class Trainer:
         far (the earliest best is kept)."""
         epoch = self.epoch
         key = f"mAP@{self.settings.topk}"
-        metrics = evaluate(self.model, self.splits, "val", self.device, self.settings.topk, self.autocast)
+        # Both ways from one counting pass; the index-order mAP@R chooses the best epoch (docs/method.md section 6).
+        metrics, tie_aware = evaluate(self.model, self.splits, "val", self.device, self.settings.topk, self.autocast,
+                                      tie_aware=True)
         if writer is not None:
             for k, v in metrics.items():
                 if isinstance(v, float):
                     writer.add_scalar(f"val/{tb_tag(k)}", v, epoch)
             print(f"epoch {epoch}: val {key} {metrics[key]:.4f}  P@20 {metrics['P@20']:.4f}{note}")
         if metrics[key] > self.best["score"]:
-            self.best = {"score": metrics[key], "epoch": epoch, "metrics": metrics}
+            self.best = {"score": metrics[key], "epoch": epoch, "metrics": metrics, "metrics_tie_aware": tie_aware}
             return True
         return False
 
@@ -228,11 +230,16 @@ class Trainer:
             torch.distributed.broadcast_object_list(holder, src=0)
         self.model.load_state_dict(holder[0])
         best_info = self.best
-        test, q_codes, db_codes = evaluate(self.model, self.splits, "test", self.device, self.settings.topk, self.autocast,
-                                           return_codes=True)
+        test, test_tie_aware, q_codes, db_codes = evaluate(self.model, self.splits, "test", self.device,
+                                                           self.settings.topk, self.autocast, return_codes=True,
+                                                           tie_aware=True)
         device, s = self.device, self.settings
-        test["precision_at_k"] = precision_at_k_curve(q_codes, self.splits.test.labels.to(device), db_codes,
-                                                      self.splits.db.labels.to(device))
+        curves = precision_at_k_curves(q_codes, self.splits.test.labels.to(device), db_codes,
+                                       self.splits.db.labels.to(device))
+        test["precision_at_k"], test_tie_aware["precision_at_k"] = curves["index"], curves["expected"]
+        val_tie_aware = best_info.get("metrics_tie_aware")
+        if val_tie_aware is None:  # a best epoch recorded before tie-aware metrics were: its weights are loaded
+            _, val_tie_aware = evaluate(self.model, self.splits, "val", device, s.topk, self.autocast, tie_aware=True)
         if writer is not None:
             for k, v in test.items():
                 if isinstance(v, float):
@@ -250,6 +257,7 @@ def run(method_cls, description, argv=None, script=None, add_flags=None, train=N
     """Parse flags, train, evaluate: the body of every training script's main().
     add_flags(parser) adds a script's own flags; train(method_cls, args) replaces the
     Trainer for methods that train nothing."""
+                "val_tie_aware": val_tie_aware, "test_tie_aware": test_tie_aware,
 
     @exit_on_user_error
     def _main():

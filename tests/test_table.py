@@ -782,5 +782,5 @@ def test_the_grids_report_records_what_made_it(tmp_path, capsys):
     assert table.main(argv) == 0
     made = json.load(open(os.path.join(root, "table.json")))["made_by"]
     assert made == {"mode": "grid", "command": shlex.join([sys.executable, "-m", "utils.table", *argv]),
-                    "lr_grid": None, "methods": ["mb"], "datasets": ["digits"], "bits": [16]}
+                    "lr_grid": None, "methods": ["mb"], "datasets": ["digits"], "bits": [16], "ties": "index"}
     assert "skipped digits mb_16bit_seed0: finished" in capsys.readouterr().out

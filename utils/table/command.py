@@ -9,7 +9,9 @@ sets it aside as <folder>.stale-<time> and runs the cell again. So does a run ma
 environment (device type, processes, torch, CPU threads on a CPU, ...) than a cell started here
 would get, unless --accept-environment takes it knowingly (marked in table.md). Each run's output goes to
 <run folder>/log.txt. Writes table.md, table.csv, table.json and the figures table, pr_curves and
-precision_at_k (PNG and PDF) to --report (default: --out).
+precision_at_k (PNG and PDF) to --report (default: --out). --ties expected reports each run's
+tie-aware test mAP@100 and precision-at-K curve (results.json's test_tie_aware, docs/method.md
+section 6) in place of the index-order ones; table.md says which in one line.
 
 Reproduce Table I on a GPU (the paper's settings are the scripts' defaults):
 
@@ -37,7 +39,8 @@ from utils.table import grid_runner
 from utils.table.cells import (FEATURE_METHODS, METHODS, STALE_MARK, Cell, cell_label, collect, command, read_result,
                                reserved_clash, run_folder)
 from utils.table.identity import assess
-from utils.table.report import PAPER, PAPER_BITS, aggregate, mixed_environments, write_report
+from utils.metrics import TIES
+from utils.table.report import PAPER, PAPER_BITS, aggregate, mixed_environments, with_ties, write_report
 from utils.training.resume import interpreter
 
 
@@ -84,6 +87,9 @@ def parse_args(argv=None):
                    help="take finished or resumable runs made in another environment (CPU threads, processes, device, "
                         "torch, ...) than a cell here would get, with a warning each, marked in table.md")
     p.add_argument("--report", metavar="DIR", help="where table.md/csv/json and the figures go (default: --out, or RUNS_DIR)")
+    p.add_argument("--ties", choices=TIES, default="index",
+                   help="test mAP@100 with ties at equal Hamming distance broken by database index (default), or "
+                        "its expectation over random orders within the ties (docs/method.md section 6)")
     p.add_argument("--figure-bits", type=int, metavar="BITS",
                    help="code length of pr_curves and precision_at_k (default: the largest in the table)")
     g = p.add_argument_group("cells at once, on GPUs, on Slurm (utils/table/grid_runner.py)")
@@ -226,7 +232,7 @@ def run(jobs, args):
 
 
 # What shapes a report (its rows and the rates shown), compared before --collect replaces one.
-REPORT_OPTIONS = ("lr_grid", "methods", "datasets", "bits")
+REPORT_OPTIONS = ("lr_grid", "methods", "datasets", "bits", "ties")
 
 
 def check_report(report, made_by):
@@ -297,6 +303,9 @@ def main(argv=None):
                   f"-m utils.table --collect {shlex.quote(args.out)} (or the same table command inside an allocation "
                   "of the same nodes: elsewhere it compares the runs with that machine's environment)")
             return 0
+        if args.ties != "index":  # finished runs without tie-aware metrics: refused before the grid runs
+            with_ties([r for r in (read_result(os.path.join(run_folder(args.out, c), "results.json"))
+                                   for c, a in found.items() if a.state == "finished") if r], args.ties)
         for cell, a in found.items():
             if a.state == "finished":
                 print(f"skipped {cell_label(cell)}: finished ({os.path.join(run_folder(args.out, cell), 'results.json')})")
@@ -320,13 +329,14 @@ def main(argv=None):
     datasets, bits = ordered(datasets, list(PAPER)), sorted(set(bits))
     made_by = {"mode": "collect" if args.collect else "grid",
                "command": shlex.join([sys.executable, "-m", "utils.table", *(sys.argv[1:] if argv is None else argv)]),
-               "lr_grid": args.lr_grid, "methods": list(methods), "datasets": list(datasets), "bits": list(bits)}
+               "lr_grid": args.lr_grid, "methods": list(methods), "datasets": list(datasets), "bits": list(bits),
+               "ties": args.ties}
     if args.collect:
         check_report(report, made_by)
-    rows = aggregate(records, methods, datasets, bits, args.lr_grid)
+    rows = aggregate(with_ties(records, args.ties), methods, datasets, bits, args.lr_grid)
     for line in mixed_environments(rows):
         print(f"warning: {line}", file=sys.stderr)
-    paths = write_report(report, rows, failures, args.lr_grid, args.figure_bits, made_by)
+    paths = write_report(report, rows, failures, args.lr_grid, args.figure_bits, made_by, args.ties)
     print("wrote " + ", ".join(paths))
     if failures:
         print(f"{len(failures)} cell(s) failed:\n" + "\n".join(f"  {label} exit status {s}: {shlex.join(cmd)}"

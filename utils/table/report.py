@@ -6,6 +6,7 @@ import os
 import shlex
 import statistics
 
+from utils.errors import UserError
 from utils.table.cells import FEATURE_IGNORED, FEATURE_METHODS, IGNORED, METHODS
 from utils.table.identity import identity, ran_pipeline
 from utils.training.checkpoint import write_atomically, write_json_atomic
@@ -26,6 +27,14 @@ HEADER = ("Test mAP@100 (%), R = 100, database = train split, queries = test spl
           "(mean ± sample std over seeds, n = seeds), the paper's Table I value and ours minus the paper's.")
 LR_NOTE = ("With --lr-grid, each trained cell shows the learning rate chosen by the best mean val mAP@100 over "
            "seeds (lr_grid in table.json: {lr: val mAP@100 in %}); only the chosen rate's test number is shown.")
+# --ties: which test mAP@100 (and precision-at-K curve) the table reports; one line of table.md says which.
+TIES_NOTE = {
+    "index": ("Ties: items at equal Hamming distance ranked by database index (--ties index; "
+              "docs/method.md section 6)."),
+    "expected": ("Ties: tie-aware, the expectation over random orders within each group of items at equal "
+                 "Hamming distance (--ties expected; McSherry and Najork, ECIR 2008; docs/method.md section 6). "
+                 "Learning rates are still chosen on the index-order val mAP@100."),
+}
 COST_HEADER = ("Cost: training seconds of each cell's runs (all seeds and learning rates; the sum of their epoch "
                "times, x processes under DDP; LSH/ITQ: encoding the train split and the fit), on the device named.")
 
@@ -55,6 +64,31 @@ def settings(record, lr_grid):
         values = list(dict.fromkeys(part.get(key) for part in parts))
         out[key] = json.dumps(values[0] if len(values) == 1 else "+".join(map(str, values)))
     return tuple(sorted(out.items()))
+
+
+def with_ties(records, ties):
+    """The records with the test mAP@100 and precision-at-K curve that --ties names: as read (index
+    order), or each run's test_tie_aware. The val score that chooses a rate stays the index-order one,
+    as the best epoch was chosen, so both tables report the same runs. Runs whose results.json has no
+    tie-aware metrics (made before runs recorded them) are refused, never reported as tie-aware."""
+    if ties == "index":
+        return records
+    out, missing = [], []
+    for r in records:
+        try:
+            with open(os.path.join(r["folder"], "results.json")) as fh:
+                test = json.load(fh).get("test_tie_aware")
+            value = 100.0 * float(test["mAP@100"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            missing.append(r["folder"])
+            continue
+        pk = test.get("precision_at_k")
+        out.append(dict(r, value=value, pk={"k": pk["k"], "precision": pk["precision"]} if pk else None))
+    if missing:
+        raise UserError(f"--ties expected: {len(missing)} run(s) have no test_tie_aware in results.json (made before "
+                        f"runs recorded it), e.g. {missing[0]}; train them again (move the folders aside first) or "
+                        f"report --ties index")
+    return out
 
 
 def _groups(records, lr_grid):
@@ -226,8 +260,8 @@ def _grid(rows, cell_text):
     return lines
 
 
-def write_md(path, rows, failures=(), lr_grid=None):
-    lines = [HEADER] + ([LR_NOTE] if lr_grid else []) + [""] + _grid(rows, format_cell)
+def write_md(path, rows, failures=(), lr_grid=None, ties="index"):
+    lines = [HEADER, TIES_NOTE[ties]] + ([LR_NOTE] if lr_grid else []) + [""] + _grid(rows, format_cell)
     total = totals(rows)
     spent = ", ".join(f"{s:.0f} s on {k}" for k, s in total["seconds_by_device"].items()) or "no recorded time"
     lines += ["", COST_HEADER, ""] + _grid(rows, format_seconds) + ["", f"Total: {spent}"
@@ -255,10 +289,12 @@ def write_csv(path, rows, lr_grid=None):
     write_atomically(path, write, suffix=".csv", binary=False)
 
 
-def write_json(path, rows, failures=(), lr_grid=None, made_by=None):
+def write_json(path, rows, failures=(), lr_grid=None, made_by=None, ties="index"):
     """made_by: what made the report (the command, grid or --collect, and the options that shape the
-    table), which a later --collect reads before it would replace the report (utils/table/command.py)."""
-    write_json_atomic(path, {"metric": HEADER, "lr_grid": lr_grid, "rows": rows, "cost": totals(rows),
+    table), which a later --collect reads before it would replace the report (utils/table/command.py).
+    ties: which test mAP@100 the rows hold (--ties)."""
+    write_json_atomic(path, {"metric": HEADER, "ties": ties, "ties_note": TIES_NOTE[ties], "lr_grid": lr_grid,
+                             "rows": rows, "cost": totals(rows),
                              "failed": [{"cell": label, "command": cmd, "exit_status": s} for label, cmd, s in failures],
                              "made_by": made_by})
 
@@ -267,14 +303,15 @@ def _write_text(path, text):
     write_atomically(path, lambda fh: fh.write(text), suffix=os.path.splitext(path)[1], binary=False)
 
 
-def write_report(folder, rows, failures=(), lr_grid=None, figure_bits=None, made_by=None):
-    """table.md/csv/json and the three figures (PNG and PDF); the paths written."""
+def write_report(folder, rows, failures=(), lr_grid=None, figure_bits=None, made_by=None, ties="index"):
+    """table.md/csv/json and the three figures (PNG and PDF); the paths written. ties: which test
+    mAP@100 the rows hold (with_ties), said in table.md and table.json."""
     from utils.table.figures import pr_curves_figure, precision_at_k_figure, table_figure
     os.makedirs(folder, exist_ok=True)
     paths = [os.path.join(folder, f"table.{ext}") for ext in ("md", "csv", "json")]
-    write_md(paths[0], rows, failures, lr_grid)
+    write_md(paths[0], rows, failures, lr_grid, ties)
     write_csv(paths[1], rows, lr_grid)
-    write_json(paths[2], rows, failures, lr_grid, made_by)
+    write_json(paths[2], rows, failures, lr_grid, made_by, ties)
     bits = figure_bits or max((r["bits"] for r in rows), default=None)
     paths += table_figure(os.path.join(folder, "table"), rows)
     paths += pr_curves_figure(os.path.join(folder, "pr_curves"), rows, bits)

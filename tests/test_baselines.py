@@ -231,9 +231,10 @@ def test_triplet_without_triplets_is_zero(labels):
 
 
 def test_dhcnn_loss_matches_loops():
+    # --pairs batch: the in-batch definition (the authors' buffer definition: tests/test_methods_b.py).
     torch.manual_seed(3)
     bsz, dim, classes = 5, 6, 3
-    args = make_args(DHCNN, dim)
+    args = make_args(DHCNN, dim, pairs="batch")
     assert (args.ce_weight, args.eta) == (1.0, 0.1)
     labels = torch.tensor([0, 2, 0, 1, 2])
     u = torch.randn(bsz, dim, requires_grad=True)

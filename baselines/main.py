@@ -17,24 +17,31 @@ from baselines.dhcnn import DHCNN  # noqa: E402
 from baselines.dpn import DPN  # noqa: E402
 from baselines.dpsh import DPSH  # noqa: E402
 from baselines.features import ITQ, LSH, run_features  # noqa: E402
+from baselines.dch import DCH  # noqa: E402
 from baselines.greedyhash import GreedyHash  # noqa: E402
+from baselines.hashnet import HashNet  # noqa: E402
+from baselines.onehot import OneHot  # noqa: E402
 from baselines.orthohash import OrthoHash  # noqa: E402
 from baselines.triplet import Triplet  # noqa: E402
 from utils.training.flags import ArgumentParser  # noqa: E402
 from utils.training.trainer import run  # noqa: E402
 
 METHODS = {"lsh": LSH, "itq": ITQ, "dpsh": DPSH, "triplet": Triplet, "dhcnn": DHCNN,
-           "csq": CSQ, "orthohash": OrthoHash, "dpn": DPN, "greedyhash": GreedyHash}
+           "csq": CSQ, "orthohash": OrthoHash, "dpn": DPN, "greedyhash": GreedyHash,
+           "hashnet": HashNet, "dch": DCH, "onehot": OneHot}
 DESCRIPTIONS = {
     "lsh": "CNN+LSH: random projections of ImageNet features (no training)",
     "itq": "CNN+PCA-ITQ: iterative quantisation of PCA-reduced ImageNet features (no training)",
     "dpsh": "DPSH: deep pairwise-supervised hashing",
     "triplet": "Triplet: deep hashing with a triplet loss on hardest negatives",
-    "dhcnn": "DHCNN: pairwise loss within the batch plus a classifier",
+    "dhcnn": "DHCNN: pairwise loss against a buffer of the train set's codes plus a classifier (authors' code)",
     "csq": "CSQ: central similarity quantisation, BCE to Hadamard class centres (Yuan et al. 2020)",
     "orthohash": "OrthoHash: cosine-margin cross-entropy against a fixed +-1 codebook (Hoe et al. 2021)",
     "dpn": "DPN: deep polarized network, hinge of each bit against class targets (Fan et al. 2020)",
     "greedyhash": "GreedyHash: classifier on straight-through sign codes (Su et al. 2018)",
+    "hashnet": "HashNet: weighted pairwise likelihood on tanh(beta u), beta raised by continuation (Cao et al. 2017)",
+    "dch": "DCH: weighted Cauchy cross-entropy of the batch's pairs (Cao et al. 2018)",
+    "onehot": "Classifier baseline: each image coded by its predicted class's codeword (Sablayrolles et al. 2017)",
 }
 
 

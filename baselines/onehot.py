@@ -15,8 +15,8 @@ class's codeword and ranked by Hamming distance as every method here.
 The codewords (C x L, +-1), filled at construction: as far apart as we can make them.
 * 2L >= C and L a power of two (every --dim of the table: 16, 32, 64, 128 with 10 to 45 classes,
   NWPU-RESISC45 at 16 bits apart): the first C rows of H_L (C <= L) or of [H_L; -H_L] (C <= 2L),
-  H_L the Sylvester-Hadamard matrix, as CSQ's hash centres (Yuan et al., CVPR 2020; the same rule
-  as baselines/csq.py). Any two rows of H_L differ in L/2 bits, a row and its negation in L: the
+  H_L the Sylvester-Hadamard matrix, as CSQ's hash centres (Yuan et al., CVPR 2020): the same rows,
+  from baselines/csq.py's `hadamard_centres`. Any two rows of H_L differ in L/2 bits, a row and its negation in L: the
   minimum distance is L/2, the most possible once C > L/2 + 1 (Plotkin's bound on the mean
   distance, L C / (2 (C - 1)); digits at 64 bits: 32 where 35 would be allowed).
 * otherwise (2L < C, or L not a power of two): a seeded (--seed) greedy farthest-point choice from
@@ -24,7 +24,8 @@ The codewords (C x L, +-1), filled at construction: as far apart as we can make 
   farthest, in minimum Hamming distance, from those chosen so far. Minimum distances it reaches:
   6 for 45 classes at 16 bits (Plotkin allows 8), 4 for 45 at 12, 5 for 100 at 16, 12 for 100 at
   32, 20 for 45 at 48, whatever the seed of 0-2; `min_distance` holds the run's.
-  More classes than 2^L words is refused.
+  More classes than 2^L words is refused. (CSQ's fallback, the authors' balanced random rows, stays
+  CSQ's: balanced rows are an even distance apart, 4 at best for 45 classes at 16 bits.)
 
 Why codewords and not their one-hot code: one-hot needs L = C bits (their code has no L: 10 bits
 for CIFAR-10), so it cannot fill the table's L bits (16 bits with 21 to 45 classes), and two one-hot
@@ -51,18 +52,11 @@ Deviations from their code:
 import torch
 import torch.nn.functional as F
 
+from baselines.csq import hadamard_centres, is_power_of_two
 from utils.errors import UserError
 from utils.method import Method
 
 POOL_BITS = 16  # the fallback's pool: every word up to 16 bits, 2^16 random words beyond
-
-
-def hadamard(n):
-    """The Sylvester-Hadamard matrix H_n (n a power of two; scipy.linalg.hadamard's order), +-1 floats."""
-    h = torch.ones(1, 1)
-    while len(h) < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h
 
 
 def farthest_point_codewords(num_classes, bits, seed):
@@ -89,9 +83,8 @@ def class_codewords(num_classes, bits, seed=0):
     if bits < 63 and 2 ** bits < num_classes:
         raise UserError(f"--dim {bits} gives {2 ** bits} distinct codes, fewer than the {num_classes} classes; "
                         f"use --dim {(num_classes - 1).bit_length()} or more")
-    if bits & (bits - 1) == 0 and 2 * bits >= num_classes:
-        h = hadamard(bits)
-        return torch.cat([h, -h])[:num_classes]
+    if is_power_of_two(bits) and 2 * bits >= num_classes:
+        return hadamard_centres(num_classes, bits)
     return farthest_point_codewords(num_classes, bits, seed)
 
 

@@ -17,7 +17,8 @@ from baselines.dch import DCH
 from baselines.dhcnn import DHCNN
 from baselines.dpsh import pairwise_loss, quantization_loss
 from baselines.hashnet import HashNet
-from baselines.onehot import OneHot, class_codewords, hadamard, min_distance
+from baselines.csq import hadamard
+from baselines.onehot import OneHot, class_codewords, min_distance
 from utils.errors import UserError
 from utils.method import StepBatch
 

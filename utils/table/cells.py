@@ -26,6 +26,8 @@ METHODS = {
     # Not in the paper's Table I (no paper value): later methods, each as its authors' public code has it.
     "csq": ("CSQ", BASELINES, "CSQ"), "orthohash": ("OrthoHash", BASELINES, "OrthoHash"),
     "dpn": ("DPN", BASELINES, "DPN"), "greedyhash": ("GreedyHash", BASELINES, "GreedyHash"),
+    "hashnet": ("HashNet", BASELINES, "HashNet"), "dch": ("DCH", BASELINES, "DCH"),
+    "onehot": ("Classifier (one-hot)", BASELINES, "OneHot"),
 }
 VARIANT_KEYS = {variant.lower(): key for key, (_, _, variant) in METHODS.items()}
 FEATURE_METHODS = ("itq", "lsh")  # train nothing: one run whatever the learning rates or epochs

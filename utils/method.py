@@ -80,12 +80,23 @@ class Method(nn.Module):
     """Base class of a training method. Subclasses set `name` and implement `losses`.
 
     Its buffers and sub-modules are saved in checkpoints (state_dict) and moved to the
-    training device with the network; parameters it holds are not trained by the optimiser
-    (a key encoder, say: freeze them).
+    training device with the network. Parameters it holds with requires_grad set are trained
+    by the optimiser at --lr, with the heads (under DDP their gradients are averaged over the
+    ranks like the network's); freeze the others (a key encoder, say).
+
+    `defaults` gives the method's own defaults of the shared flags (argparse dests: "optimizer",
+    "lr", "momentum", "nesterov", "weight_decay", "backbone_lr_mult", "lr_step", "lr_step_unit",
+    "lr_gamma", "batch_size", "epochs", ...), its authors' values: build_parser sets them after
+    add_arguments, so --help shows them and the runs record them (docs/method.md section 5). `head`
+    gives the options of the network's head (utils/models.py HashingNet: fc1_bias, fc1_bn,
+    fc1_init, fc2_bias, codewords); the checkpoint records them (config["head"]) and retrieval
+    rebuilds the same network. None for both: the paper's values and head.
     """
 
     name = "?"  # the run-folder prefix and the checkpoint's "variant"
     uses_logits = True  # False: the classifier FC2 is frozen (no gradient would reach it)
+    defaults = None  # e.g. {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "backbone_lr_mult": 0.01}
+    head = None  # e.g. {"fc1_bias": False, "fc1_bn": True, "fc1_init": 0.01}
 
     def __init__(self, args, model, train_labels):
         super().__init__()

@@ -38,8 +38,10 @@ class Loaded:
         self.config.setdefault("in_channels", self.flags.get("bands", 3))
         self.fingerprint = weights_fingerprint(ckpt["model"])
         # The trunk's own channels and size (a timm transformer's position embeddings follow img_size).
+        # The head the method asked for (utils/models.py); checkpoints without "head" have the paper's.
         model = HashingNet(self.config["arch"], self.config["num_classes"], self.config["dim"], pretrained=False,
-                           in_channels=model_channels(self.config), img_size=self.config.get("img_size"))
+                           in_channels=model_channels(self.config), img_size=self.config.get("img_size"),
+                           head=self.config.get("head"))
         model.load_state_dict(ckpt["model"])
         self.model = model.to(device).eval()
 

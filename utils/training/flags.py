@@ -18,6 +18,12 @@ DATASET_EXTENSIONS = {"digits": "png", "UCMerced": "tif", "EuroSAT": "jpg", "Eur
                       "AID": "jpg", "NWPU-RESISC45": "jpg"}
 
 
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+# What the runs made before these flags existed computed with (SGD, Nesterov, one rate, steps per epoch): a
+# checkpoint that does not record them continues with these, whatever a method's defaults are now.
+FLAGS_BEFORE = {"optimizer": "sgd", "nesterov": True, "backbone_lr_mult": 1.0, "lr_step_unit": "epoch"}
+
+
 def image_extension(dataset, ext=None):
     """--imgEXT as given (without a leading dot), else the dataset's own, else tif."""
     return (ext or DATASET_EXTENSIONS.get(dataset, "tif")).lstrip(".")
@@ -88,14 +94,45 @@ def build_parser(description, method_cls=None, epilog=None):
                    help="pil: decode with Pillow per image per epoch; cached: decode once into RAM, "
                         "augment whole batches as tensors on the training device; auto: cached on CUDA "
                         "when the decoded splits fit in half of the available RAM, else pil")
-    g = p.add_argument_group("optimisation (the paper's values)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    g.add_argument("--lr-step", type=int, default=30, help="the learning rate is multiplied by --lr-gamma every N epochs")
+    # The defaults shown are the method's (Method.defaults: its authors' values); CDNE's are the paper's.
+    g = p.add_argument_group("optimisation (the method's values; CDNE's: the paper's)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="sgd (torch.optim.SGD), adam (torch.optim.Adam: coupled L2 weight decay, not AdamW) or "
+                        "rmsprop (torch.optim.RMSprop: alpha 0.99, eps 1e-8)")
+    g.add_argument("--momentum", type=float, default=0.9,
+                   help="sgd: its momentum; rmsprop: its momentum (0: plain RMSprop); adam: beta1 (in [0, 1); "
+                        "beta2 is 0.999)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
+                   help="Nesterov momentum; sgd with --momentum > 0 only (adam and rmsprop have none)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay, added to the gradient")
+    g.add_argument("--backbone-lr-mult", type=float, default=1.0,
+                   help="the trunk trains at --lr times this; FC1, FC2, a head BatchNorm and the method's own "
+                        "trainable parameters at --lr")
+    g.add_argument("--lr-step", type=int, default=30,
+                   help="the learning rate is multiplied by --lr-gamma every N epochs (or steps: --lr-step-unit)")
+    g.add_argument("--lr-step-unit", choices=("epoch", "step"), default="epoch",
+                   help="what --lr-step counts: epochs, or optimiser steps (HashNet's schedule)")
     g.add_argument("--lr-gamma", type=float, default=0.5, help="factor of each learning-rate step")
     if method_cls is not None:
         method_cls.add_arguments(p.add_argument_group(f"{method_cls.name} method"))
+        apply_method_defaults(p, method_cls)
     return p
+
+
+def apply_method_defaults(parser, method_cls):
+    """The method's own defaults of the shared flags (Method.defaults, its authors' values), set after
+    its add_arguments (so they may also name its own flags): --help shows them and the table's stale-cell rule, which parses a cell's flags
+    with this parser, compares a run with them."""
+    defaults = dict(getattr(method_cls, "defaults", None) or {})
+    unknown = sorted(set(defaults) - {a.dest for a in parser._actions})
+    if unknown:  # a class attribute: a programming error, not a user's
+        raise ValueError(f"{method_cls.__name__}.defaults names no flag: {unknown}")
+    # On the actions, not parser.set_defaults: that also keeps them as parser-level defaults, which
+    # argparse fills in even where the actions' defaults are suppressed, so resume_args and the table
+    # (which suppress them to find the flags given) would take them for given flags.
+    for action in parser._actions:
+        if action.dest in defaults:
+            action.default = defaults[action.dest]
 
 
 def check_args(args):
@@ -109,10 +146,12 @@ def check_args(args):
             raise UserError(f"{flag} must be positive, got {value}")
     non_negative = {"--num_workers": args.num_workers, "--weight-decay": args.weight_decay,
                     "--momentum": args.momentum, "--lr-gamma": args.lr_gamma,
-                    "--margin": getattr(args, "margin", 0)}
+                    "--backbone-lr-mult": args.backbone_lr_mult, "--margin": getattr(args, "margin", 0)}
     for flag, value in non_negative.items():
         if not value >= 0:
             raise UserError(f"{flag} must be 0 or more, got {value}")
+    if args.optimizer == "adam" and not args.momentum < 1:  # Adam takes it for beta1
+        raise UserError(f"--momentum is Adam's beta1 with --optimizer adam and must be below 1, got {args.momentum}")
     for flag in ("memory_momentum", "key_momentum"):
         value = getattr(args, flag, None)
         if value is not None and not 0 <= value <= 1:

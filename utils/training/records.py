@@ -11,11 +11,13 @@ from utils import distributed as dist
 
 def run_config(method_name, model, data, splits):
     """What must match for a checkpoint to continue a run or to be used for retrieval: the method,
-    the network (ModelSettings `model`), the data it reads (DataSettings `data`) and the splits'
+    the network (ModelSettings `model`, its head options included), the data it reads (DataSettings `data`) and the splits'
     classes, size, band statistics and input spec (the bands, their order and normalisation)."""
     config = {"variant": method_name, "arch": model.arch, "dim": model.dim, "num_classes": len(splits.classes),
               "in_channels": data.bands, "dataset": data.dataset, "num_samples": len(splits.train),
               "img_size": data.img_size, "classes": splits.classes}
+    if model.head is not None:  # the method's head options (utils/models.py); absent: the paper's head
+        config["head"] = dict(model.head)
     if getattr(splits, "band_stats", None):
         config["band_mean"], config["band_std"] = splits.band_stats
     if getattr(splits, "input", None) is not None:

@@ -8,6 +8,7 @@ import sys
 from utils import REPO_ROOT
 from utils.errors import UserError
 from utils.training import checkpoint as ckpt_io
+from utils.training.flags import FLAGS_BEFORE
 
 # The script that trains each method (utils.trainer.run's `script`), for messages that say how to go on.
 SCRIPTS = {"MB": "train_MB/main.py", "MU": "train/main.py"}
@@ -75,8 +76,12 @@ def resume_args(parser, argv, args):
         return args, None
     ckpt = ckpt_io.load_checkpoint(args.resume)
     saved = ckpt.get("args", {})
+    if saved:  # a checkpoint older than a flag ran with the flag's value of before (FLAGS_BEFORE)
+        saved = {**{k: v for k, v in FLAGS_BEFORE.items() if k in vars(args)}, **saved}
     given = given_flags(parser, argv)
-    names = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
+    # --nesterov, not --no-nesterov, for a flag that has both: the message gives the value.
+    names = {a.dest: max([o for o in a.option_strings if not o.startswith("--no-")] or a.option_strings, key=len)
+             for a in parser._actions if a.option_strings}
 
     def differs(k):  # against the stored value, which is the resolved one
         value = getattr(args, k)

@@ -20,13 +20,21 @@ from utils.models import ModelSettings
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """SGD (Nesterov when momentum > 0) with a step schedule: lr x lr_gamma every lr_step epochs."""
+    """The optimiser (--optimizer: sgd, adam or rmsprop) and its step schedule: lr x lr_gamma every
+    lr_step epochs (lr_step_unit "epoch") or optimiser steps ("step"). The trunk trains at
+    lr x backbone_lr_mult, the heads (and a method's own trainable parameters) at lr. momentum is
+    SGD's and RMSprop's momentum and Adam's beta1; nesterov applies to SGD with momentum > 0
+    (docs/method.md section 5)."""
 
     lr: float
     momentum: float
     weight_decay: float
     lr_step: int
     lr_gamma: float
+    optimizer: str = "sgd"  # the defaults: the paper's optimiser
+    nesterov: bool = True
+    backbone_lr_mult: float = 1.0
+    lr_step_unit: str = "epoch"
 
 
 @dataclass(frozen=True)
@@ -55,18 +63,21 @@ class RunSettings:
         return f"{self.method}_{self.data.dataset}_{self.model.arch}_{self.model.dim}bit"
 
 
-def resolve(args, method_name):
+def resolve(args, method_name, head=None):
     """RunSettings of checked flags `args` (utils/training/flags.py check_args, with the device
-    chosen in args.device_obj) for a run of the method named `method_name`."""
+    chosen in args.device_obj) for a run of the method named `method_name`, whose network has the
+    head options `head` (the method's Method.head; None: the paper's head)."""
     data = DataSettings(root=args.data, dataset=args.dataset, ext=args.imgEXT, bands=args.bands,
                         img_size=args.img_size, split_file=getattr(args, "split_file", None),
                         skip_bad_images=args.skip_bad_images)
     loader = LoaderSettings(batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
                             device=args.device_obj, pipeline=args.pipeline)
     model = ModelSettings(arch=args.model, dim=args.dim, img_size=args.img_size,
-                          pretrained=args.weights or (not args.no_pretrained))
+                          pretrained=args.weights or (not args.no_pretrained), head=head)
     optim = OptimSettings(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                          lr_step=args.lr_step, lr_gamma=args.lr_gamma)
+                          lr_step=args.lr_step, lr_gamma=args.lr_gamma, optimizer=args.optimizer,
+                          nesterov=args.nesterov, backbone_lr_mult=args.backbone_lr_mult,
+                          lr_step_unit=args.lr_step_unit)
     return RunSettings(method=method_name, data=data, loader=loader,
                        input=resolve_input(args.model, args.weights, args.bands, args.dataset), model=model,
                        optim=optim, device=args.device_obj, seed=args.seed, epochs=args.epochs,

@@ -36,7 +36,7 @@ class Trainer:
 
     def __init__(self, args, method_cls, splits=None, resume=None):
         self.args = args  # for the method's own flags and the record; the rest reads self.settings
-        self.settings = s = resolve(args, method_cls.name)
+        self.settings = s = resolve(args, method_cls.name, method_cls.head)
         self.device = s.device
         if resume is None and s.resume:
             resume = ckpt_io.load_checkpoint(s.resume)
@@ -62,9 +62,10 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
             seed_everything(s.seed + dist.rank())  # own streams per rank (augmentations draw from per-sample seeds)
         o = s.optim
-        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=o.lr,
-                                         momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.momentum > 0)
+        self.optimizer, self.method_params = optimizer_for(o, model, self.method)
+        # Stepped after every epoch, or after every optimiser step with --lr-step-unit step.
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.lr_step, gamma=o.lr_gamma)
+        self.lr_per_step = o.lr_step_unit == "step"
         self.amp_dtype = None
         if s.amp:
             bf16 = self.device.type == "cpu" or (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
@@ -111,9 +112,16 @@ class Trainer:
             total = total * (len(idx) * dist.world_size() / n_all[0])
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
+        if self.method_params and dist.is_distributed():
+            # DDP averages the network's gradients only; the method's own parameters get the same mean.
+            for p in self.method_params:
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                p.grad = dist.all_reduce_sum(grad) / dist.world_size()
         self.method.after_backward(step)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.lr_per_step:
+            self.scheduler.step()
         self.method.after_step(self.model)
         return {k: v.detach() for k, v in terms.items()}, len(idx)
 
@@ -145,7 +153,8 @@ class Trainer:
         if writer is not None:
             for k, v in zip(names, sums[:-1] / sums[-1].clamp(min=1)):
                 writer.add_scalar(f"train/loss_{k}", v.item(), epoch + 1)
-            writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], epoch + 1)
+            # The heads' rate (the last group): --lr as scheduled; the trunk's is --backbone-lr-mult times it.
+            writer.add_scalar("train/lr", self.optimizer.param_groups[-1]["lr"], epoch + 1)
 
     # -- the whole run
     def fit(self):
@@ -165,7 +174,8 @@ class Trainer:
                 finally:  # a stopped epoch's part counts too: its checkpoint carries the seconds on
                     seconds = time.perf_counter() - started
                     self.train_seconds += seconds
-                self.scheduler.step()
+                if not self.lr_per_step:
+                    self.scheduler.step()
                 self.epoch, self.step_in_epoch, self.epoch_sums = self.epoch + 1, 0, {}
                 if writer is not None:
                     writer.add_scalar("train/epoch_seconds", seconds, self.epoch)
@@ -247,17 +257,45 @@ class Trainer:
             log_test_pictures(writer, self.splits, test, q_codes, db_codes, s.data.bands, best_info["epoch"])
         return {"variant": self.config["variant"], "dataset": s.data.dataset, "run_dir": self.run.path,
                 "best_epoch": best_info["epoch"], "val": best_info["metrics"], "test": test,
+                "val_tie_aware": val_tie_aware, "test_tie_aware": test_tie_aware,
                 "args": plain_args(self.args), "train_seconds": self.train_seconds,
                 "device": device_kind(device), "world_size": dist.world_size(),
                 "environment": environment(device, self.amp_dtype, s.model.arch),
                 "environments": self.environments}
 
 
+def optimizer_for(optim, model, method):
+    """The optimiser of OptimSettings `optim` (docs/method.md section 5) over the network's trainable
+    parameters and the method's own (those it holds beyond the network's, requires_grad set), and the
+    list of the latter. With --backbone-lr-mult 1 one group in the network's parameter order, as before
+    the flag existed (an older checkpoint's optimiser state then loads); otherwise two: the trunk
+    (model.backbone) at lr x backbone_lr_mult, then the heads and the method's parameters at lr."""
+    network = {id(p) for p in model.parameters()}
+    own = [p for p in method.parameters() if p.requires_grad and id(p) not in network]
+    if optim.backbone_lr_mult == 1:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad] + own}]
+    else:
+        trunk = {id(p) for p in model.backbone.parameters()}
+        groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad],
+                   "lr": optim.lr * optim.backbone_lr_mult},
+                  {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in trunk] + own}]
+    kind, decay = optim.optimizer, optim.weight_decay
+    if kind == "sgd":
+        opt = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=decay,
+                              nesterov=optim.nesterov and optim.momentum > 0)
+    elif kind == "adam":  # --momentum is beta1; beta2 torch's (and the authors') 0.999
+        opt = torch.optim.Adam(groups, lr=optim.lr, betas=(optim.momentum, 0.999), weight_decay=decay)
+    elif kind == "rmsprop":  # torch's alpha 0.99 and eps 1e-8
+        opt = torch.optim.RMSprop(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=decay)
+    else:
+        raise UserError(f"--optimizer {kind!r} is not one of sgd, adam, rmsprop")
+    return opt, own
+
+
 def run(method_cls, description, argv=None, script=None, add_flags=None, train=None):
     """Parse flags, train, evaluate: the body of every training script's main().
     add_flags(parser) adds a script's own flags; train(method_cls, args) replaces the
     Trainer for methods that train nothing."""
-                "val_tie_aware": val_tie_aware, "test_tie_aware": test_tie_aware,
 
     @exit_on_user_error
     def _main():

@@ -39,7 +39,8 @@ RESERVED = ("data", "dataset", "dim", "seed", "out", "name", "resume", "method")
 IGNORED = {"data", "out", "name", "resume", "num_workers", "device", "split_file"}
 # ... and, for LSH and ITQ, the training flags: they fit once on the backbone's features.
 FEATURE_IGNORED = IGNORED | {"epochs", "lr", "batch_size", "momentum", "weight_decay", "lr_step", "lr_gamma",
-                             "eval_every", "amp", "topk"}
+                             "eval_every", "amp", "topk", "optimizer", "nesterov", "backbone_lr_mult",
+                             "lr_step_unit"}
 # Compared on their own (differences): the pipeline as it resolves, the weights by their file's content.
 SEPARATE = {"pipeline", "weights"}
 STALE_MARK = ".stale-"  # folders set aside by --rerun-stale: <folder>.stale-<time>

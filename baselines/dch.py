@@ -33,9 +33,9 @@ Optimiser (dch.py lines 137-170): momentum SGD (tf MomentumOptimizer: momentum 0
 Nesterov), no weight decay, lr 0.005 for the trunk and 10x for fc8 (their gradients are scaled
 by 10, the same as a 10x rate under momentum). Here --lr is FC1's rate, 0.05, with
 --backbone-lr-mult 0.1 (the trunk at 0.005, as theirs). Their staircase decay x0.1 every 10000
-iterations never fires in their 2000: the rate is constant. Translated by the fraction of
-training as HashNet's (baselines/hashnet.py): --lr-step 650 (5 x the table's 130 epochs) with
---lr-gamma 0.1: constant within any run up to 650 epochs.
+iterations never fires in their 2000: their run keeps one rate, and so does ours (--lr-gamma 1;
+taken by iterations, 10000 of the table's steps would fire late in an NWPU-RESISC45 run, which
+theirs never does).
 
 Deviations from their code:
 * the table's batch size and epochs, shared by every method, not their 128 images x 2000 iterations;
@@ -47,6 +47,7 @@ Deviations from their code:
 """
 import torch
 
+from utils.errors import UserError
 from utils.method import Method
 
 DISTANCES = ("euclidean", "normalised")
@@ -80,7 +81,7 @@ class DCH(Method):
     name = "DCH"
     uses_logits = False
     defaults = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
-                "backbone_lr_mult": 0.1, "lr_step": 650, "lr_gamma": 0.1}
+                "backbone_lr_mult": 0.1, "lr_step": 30, "lr_gamma": 1.0}
     head = {"fc1_init": 0.01}
 
     def __init__(self, args, model, train_labels):
@@ -88,6 +89,8 @@ class DCH(Method):
         self.gamma = float(args.gamma)
         self.q_lambda = float(args.q_lambda)
         self.distance = args.cauchy_distance
+        if not self.gamma > 0:
+            raise UserError(f"--gamma must be positive, got {args.gamma}")
 
     @staticmethod
     def add_arguments(parser):

@@ -35,18 +35,20 @@ Optimiser and schedule (train.py lines 166-172, 260-262): SGD, momentum 0.9, Nes
 decay 5e-4 on every parameter; the trunk at the base rate and the hash layer at 10x it; the rate
 halved every 2000 of the 10000 iterations. Here --lr is the hash layer's rate and
 --backbone-lr-mult 0.1 the trunk's share, so the default --lr 0.003 is 10x the README's base rate
-0.0003 (the trunk trains at 0.0003, FC1 at 0.003, as theirs). The halving every 2000 iterations is
-translated by the fraction of training, not by images: 2000 of 10000 iterations is a fifth, so
---lr-step 26 halves the rate at 20, 40, 60 and 80 % of the table's 130 epochs, the four halvings
-their run makes (with another --epochs, pass --lr-step epochs / 5 to keep that; by images, 2000 x 72
-images would be 7-8 epochs of EuroSAT's train split, a schedule that ends near 0 long before 130).
+0.0003 (the trunk trains at 0.0003, FC1 at 0.003, as theirs). The halving counts optimiser steps as
+theirs does (--lr-step 2000 --lr-step-unit step: step k trains at lr 0.5^(k // 2000), k from 0, their
+`step_lr_scheduler`), so the schedule stays in step with the continuation, which counts steps too. In
+epochs it depends on the dataset and the batch: at -b 256 a 130-epoch EuroSAT run takes about 9,600
+steps (4 halvings, as their 10,000 iterations) and NWPU-RESISC45 about 11,300 (5); the digits demo's
+3 epochs of 11 steps none. By the fraction of training instead (a fifth: --lr-step 26 epochs of 130)
+it would be the same halvings on every dataset but at other step counts than theirs.
 
 Deviations from their code:
 * pairs within one (global) batch, not between two independently drawn batches of 36 (train.py
   lines 194-215: 36 x 36 cross pairs); a pair of an image with itself is left out (their two
   batches pair an image with itself only by chance);
 * the table's batch size (-b) and epochs, shared by every method, not their 72 images x 10000
-  iterations; the rate is set per epoch, not per iteration;
+  iterations;
 * FC1 on the shared trunk (ResNet-18 by default, ImageNet weights); their hash layer sits on
   ResNet-50 (their AlexNet and VGG variants do not run: network.py lines 19 and 101);
 * their test script evaluates without model.eval() (BatchNorm in training mode); we evaluate in
@@ -95,7 +97,7 @@ class HashNet(Method):
     name = "HashNet"
     uses_logits = False
     defaults = {"optimizer": "sgd", "lr": 0.003, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-                "backbone_lr_mult": 0.1, "lr_step": 26, "lr_gamma": 0.5}
+                "backbone_lr_mult": 0.1, "lr_step": 2000, "lr_step_unit": "step", "lr_gamma": 0.5}
     head = {"fc1_init": 0.01}
 
     def __init__(self, args, model, train_labels):

@@ -81,9 +81,9 @@ def test_hashnet_defaults_and_head():
     assert HashNet.name == "HashNet" and not HashNet.uses_logits and HashNet.head == {"fc1_init": 0.01}
     d = HashNet.defaults
     assert (d["optimizer"], d["momentum"], d["nesterov"], d["weight_decay"]) == ("sgd", 0.9, True, 5e-4)
-    # The trunk at the README's 0.0003, the hash layer at 10x; halved 4 times in 130 epochs.
+    # The trunk at the README's 0.0003, the hash layer at 10x; halved every 2000 optimiser steps.
     assert d["lr"] * d["backbone_lr_mult"] == pytest.approx(3e-4) and d["lr"] == pytest.approx(3e-3)
-    assert (d["lr_step"], d["lr_gamma"]) == (26, 0.5)
+    assert (d["lr_step"], d["lr_step_unit"], d["lr_gamma"]) == (2000, "step", 0.5)
 
 
 def test_hashnet_class_num_is_the_train_splits_all_over_similar_pairs():
@@ -162,7 +162,7 @@ def test_dch_defaults_and_head():
     d = DCH.defaults
     assert (d["optimizer"], d["momentum"], d["nesterov"], d["weight_decay"]) == ("sgd", 0.9, False, 0.0)
     assert d["lr"] * d["backbone_lr_mult"] == pytest.approx(0.005) and d["lr"] == pytest.approx(0.05)
-    assert d["lr_step"] >= 650  # their decay never fires within their run: constant
+    assert d["lr_gamma"] == 1.0  # their decay never fires within their run: one rate
 
 
 @pytest.mark.parametrize("argv,gamma,distance,q", [([], 20.0, "euclidean", 0.0),

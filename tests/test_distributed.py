@@ -111,11 +111,22 @@ def train_set():
 
 
 def method_classes():
+    from baselines.dch import DCH
     from baselines.dhcnn import DHCNN
     from baselines.dpsh import DPSH
+    from baselines.hashnet import HashNet
     from baselines.triplet import Triplet
 
-    return {"dpsh": DPSH, "triplet": Triplet, "dhcnn": DHCNN, "cdne_mb": load_script("train_MB").MemoryBankCDNE,
+    class DHCNNInBatch(DHCNN):
+        """DHCNN with --pairs batch (the default, "dhcnn", is the authors' buffer definition)."""
+
+        @staticmethod
+        def add_arguments(parser):
+            DHCNN.add_arguments(parser)
+            parser.set_defaults(pairs="batch")
+
+    return {"dpsh": DPSH, "triplet": Triplet, "dhcnn": DHCNN, "dhcnn_batch": DHCNNInBatch, "hashnet": HashNet,
+            "dch": DCH, "cdne_mb": load_script("train_MB").MemoryBankCDNE,
             "cdne_mu": load_script("train").MemoryUnitCDNE}
 
 
@@ -145,6 +156,7 @@ def two_steps(method_cls, rows):
     trainer.optimizer = torch.optim.SGD([p for _, p in trained], lr=0.5, momentum=0.9, nesterov=True,
                                         weight_decay=5e-4)
     trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    trainer.method_params, trainer.lr_per_step = [], False  # what Trainer.__init__ sets: no method parameters
     before = {k: v.clone() for k, v in trainer.method.state_dict().items()}
     out = []
     for step in range(len(STEPS)):
@@ -199,9 +211,10 @@ def ranks(tmp_path_factory):
 
 
 def test_two_ranks_train_as_one_process_holding_the_global_batch(ranks):
-    """For every trained method (DPSH, Triplet, DHCNN, CDNE(MB), CDNE(MU)): on 2 gloo ranks, the
-    gradient reaching every parameter and the parameters after each of two steps equal those of
-    one process with the whole global batch; so do the method's state after them: DPSH's U,
+    """For every trained method (DPSH, Triplet, DHCNN with its authors' buffer and --pairs batch,
+    HashNet, DCH, CDNE(MB), CDNE(MU)): on 2 gloo ranks, the gradient reaching every parameter and
+    the parameters after each of two steps equal those of one process with the whole global batch;
+    so do the method's state after them: DPSH's and DHCNN's U, HashNet's step count,
     CDNE(MB)'s memory bank, CDNE(MU)'s memory unit and key encoder (every row of the memories is
     written in step 1 or 2, and step 2's loss reads step 1's rows)."""
     for name, cls in method_classes().items():

@@ -40,9 +40,37 @@ The groups take ranks N_g + 1 .. N_g + n_g, in random order within each, indepen
 Every count is an exact integer; the expectations are float64, vectorised over queries (a
 query's L + 1 groups and the hypergeometric support, at most min(m, n_g - m) + 1 values).
 """
+import contextlib
+import functools
+
 import torch
 
 _ROWS_X_SUPPORT = 1 << 22  # query x support entries per block of the AP@R sum (a few tens of MB)
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device):
+    """On the CPU, torch ops on one thread inside: the tensors are small (queries x (L + 1), queries x
+    support), and an OpenMP team's barrier per op costs more than the op, many times more on a loaded
+    CPU (mAP@100 at NWPU's val size: 0.7 s on two threads against 0.04 s on one, load average 10;
+    docs/benchmarks.md section 9)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _serial(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with _one_cpu_thread(self.device):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 def _cut(cum_all, cum_rel, rank):
@@ -66,17 +94,17 @@ def _prefix_precision(harmonic, before, rel_before, m, x):
     return x / m * ((rel_before + 1) * d + pairs)
 
 
-def _log_choose(a, b):
-    return torch.lgamma(a + 1) - torch.lgamma(b + 1) - torch.lgamma(a - b + 1)
-
-
 class ExpectedRanks:
     """Tie-aware per-query metrics from per-query cumulative counts over the distances 0..L:
     cum_all[q, g] = #{items at distance <= g} and cum_rel[q, g] = the relevant ones (what
     utils/metrics/rank_counting.py's RankCounts holds). Float64 tensors of length Q."""
 
     def __init__(self, cum_all, cum_rel, n_db):
-        self.n_db = int(n_db)
+        self.n_db, self.device = int(n_db), cum_all.device
+        with _one_cpu_thread(self.device):
+            self._count(cum_all, cum_rel)
+
+    def _count(self, cum_all, cum_rel):
         # Queries with no relevant item score 0 everywhere (and a class absent from the database
         # leaves its counts at 0): only the others are computed.
         self.keep = (cum_rel[:, -1] > 0).nonzero()[:, 0]
@@ -87,13 +115,20 @@ class ExpectedRanks:
         self.harmonic = torch.cat([torch.zeros(1, dtype=torch.float64, device=dev),
                                    torch.cumsum(1.0 / torch.arange(1, self.n_db + 2, dtype=torch.float64,
                                                                    device=dev), 0)])
+        # log k! for k = 0..n_db, read by index: the hypergeometric weights are gathers, not lgamma calls.
+        self.log_factorial = torch.lgamma(torch.arange(self.n_db + 1, dtype=torch.float64, device=dev) + 1)
         self._groups = None
+
+    def _log_choose(self, a, b):
+        f = self.log_factorial
+        return f[a] - f[b] - f[a - b]
 
     def _out(self, values):
         out = torch.zeros(self.n_q, dtype=torch.float64, device=self.cum_all.device)
         out[self.keep] = values
         return out
 
+    @_serial
     def precision_at(self, k):
         """E[P@k], k capped at the database size."""
         k = min(int(k), self.n_db)
@@ -110,6 +145,7 @@ class ExpectedRanks:
             self._groups = torch.cumsum(c, 1) - c
         return self._groups
 
+    @_serial
     def average_precision(self, R=None):
         """E[AP@R] per query, R capped at the database size; the whole ranking when None."""
         R = self.n_db if R is None else min(int(R), self.n_db)
@@ -123,10 +159,11 @@ class ExpectedRanks:
             s = slice(a, a + step)
             x = lo[s, None] + torch.arange(width, device=g.device)
             ok = x <= hi[s, None]
-            x = torch.minimum(x, hi[s, None]).double()
-            nn, rr, mm = n[s, None].double(), r[s, None].double(), m[s, None].double()
-            logp = _log_choose(rr, x) + _log_choose(nn - rr, mm - x) - _log_choose(nn, mm)
+            x = torch.minimum(x, hi[s, None])
+            nn, rr, mm = n[s, None], r[s, None], m[s, None]
+            logp = self._log_choose(rr, x) + self._log_choose(nn - rr, mm - x) - self._log_choose(nn, mm)
             p = torch.where(ok, torch.exp(logp), 0.0)
+            x = x.double()
             p = p / p.sum(1, keepdim=True)   # sums to 1 up to lgamma's rounding
             total = rel_before[s, None] + x
             ap = (full[s, None] + _prefix_precision(self.harmonic, before[s, None], rel_before[s, None],

@@ -33,7 +33,7 @@ TIES_NOTE = {
               "docs/method.md section 6)."),
     "expected": ("Ties: tie-aware, the expectation over random orders within each group of items at equal "
                  "Hamming distance (--ties expected; McSherry and Najork, ECIR 2008; docs/method.md section 6). "
-                 "Learning rates are still chosen on the index-order val mAP@100."),
+                 "With --lr-grid the rates are still chosen on the index-order val mAP@100."),
 }
 COST_HEADER = ("Cost: training seconds of each cell's runs (all seeds and learning rates; the sum of their epoch "
                "times, x processes under DDP; LSH/ITQ: encoding the train split and the fit), on the device named.")

@@ -69,11 +69,14 @@ class HashingNet(nn.Module):
         f = self.fc1(self.backbone(x))
         if self.fc1_bn is not None:
             f = self.fc1_bn(f)
+        # e before the logits, as the paper's network has always computed them: autograd sums the
+        # gradients that reach f in the order of its uses, so another order moves the last digits.
+        e = F.normalize(f.float(), dim=1)  # unit norm in float32, also under autocast
         logits = self.fc2(f)
         if self.codewords is not None and not self.training:
             # The classifier baseline: each image coded by its predicted class's codeword.
             f = self.codewords[logits.argmax(dim=1)].to(f.dtype)
-        e = F.normalize(f.float(), dim=1)  # unit norm in float32, also under autocast
+            e = F.normalize(f.float(), dim=1)
         return f, e, logits
 
 

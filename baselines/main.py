@@ -13,11 +13,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from baselines.csq import CSQ  # noqa: E402
+from baselines.dch import DCH  # noqa: E402
 from baselines.dhcnn import DHCNN  # noqa: E402
 from baselines.dpn import DPN  # noqa: E402
 from baselines.dpsh import DPSH  # noqa: E402
 from baselines.features import ITQ, LSH, run_features  # noqa: E402
-from baselines.dch import DCH  # noqa: E402
 from baselines.greedyhash import GreedyHash  # noqa: E402
 from baselines.hashnet import HashNet  # noqa: E402
 from baselines.onehot import OneHot  # noqa: E402

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from utils.backbones import build_backbone
 
-
 # The head options a method may ask for (utils/method.py Method.head; docs/method.md section 5), with
 # the values that give the paper's head: FC1 and FC2 with biases, Kaiming-normal weights, no BatchNorm,
 # no codewords.

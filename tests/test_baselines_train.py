@@ -18,12 +18,10 @@ def baseline(*args):
     return subprocess.run([sys.executable, MAIN, *args], capture_output=True, text=True, env=ENV, timeout=600)
 
 
-# DHCNN's in-batch pairwise term starts saturated on the random-init trunk's features (theta_ij
-# 10-50) and sends FC1 about 10x the gradient of the cross-entropy: at lr 0.01 its codes blow up
-# and collapse within 3 steps (docs/benchmarks.md section 3.1); at 0.001 it learns. Triplet at
-# 16 bits and lr 0.01 stays near 0.19 (section 3.2); at 32 bits it learns (val P@20 0.32 here).
-@pytest.mark.parametrize("method,name,lr,dim", [("dpsh", "DPSH", "0.01", "16"), ("triplet", "Triplet", "0.01", "32"),
-                                              ("dhcnn", "DHCNN", "0.001", "16")])
+# Triplet at 16 bits and lr 0.01 stays near 0.19 (docs/benchmarks.md section 3.2); at 32 bits it
+# learns (val P@20 0.32 here). DHCNN, at its authors' defaults, and the later methods learn in
+# tests/test_methods_a.py and tests/test_methods_b.py.
+@pytest.mark.parametrize("method,name,lr,dim", [("dpsh", "DPSH", "0.01", "16"), ("triplet", "Triplet", "0.01", "32")])
 def test_trained_methods_learn_on_digits(method, name, lr, dim, digits_root, tmp_path):
     proc = baseline("--method", method, "--data", digits_root, "--dataset", "digits", "--epochs", "2", "-b", "32",
                     "--lr", lr, "--out", str(tmp_path), "--name", "b", *FAST, "--dim", dim)

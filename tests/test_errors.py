@@ -1,5 +1,6 @@
 """Every bad input gets one line naming the problem and the fix, exit status 2, no traceback,
 and no checkpoint is ever lost."""
+import json
 import os
 import pickle
 import re
@@ -234,10 +235,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(mb, tiny, tmp_
     assert kept["epoch"] == good["epoch"] == 1
     for k in good["model"]:
         assert torch.equal(kept["model"][k], good["model"][k])
-    # A new run that fails before its first checkpoint leaves no run folder behind.
+    # diverged.json says where, with the run's flags: a table's --lr-grid counts the rate as diverged.
+    record = json.loads((tmp_path / "r" / "diverged.json").read_text())
+    assert (record["variant"], record["loss"], record["epoch"], record["step"]) == ("MB", "nan", 2, 0)
+    assert record["args"]["epochs"] == 2 and record["args"]["dim"] == kept["args"]["dim"]
+    # A new run that diverges before its first checkpoint keeps only that record (and its flags, events).
     fresh = ["--data", tiny, "--dataset", "digits", "--out", str(tmp_path), "--name", "fresh", "--epochs", "1", *FAST]
     assert_one_line_error(*run_inproc(mb, fresh, capsys), "no checkpoint had been written yet")
-    assert sorted(os.listdir(tmp_path)) == ["r"]
+    assert sorted(os.listdir(tmp_path)) == ["fresh", "r"]
+    assert "diverged.json" in os.listdir(tmp_path / "fresh") and "checkpoint_last.pth" not in os.listdir(tmp_path / "fresh")
+    # The same run finishing in that folder later removes the record.
+    monkeypatch.undo()
+    assert run_inproc(mb, fresh, capsys)[0] == 0
+    assert sorted(os.listdir(tmp_path / "fresh")) == ["args.json", "checkpoint_best.pth", "checkpoint_last.pth",
+                                                      "results.json", "tensorboard"]
 
 
 def test_sigint_saves_a_resumable_checkpoint(tmp_path):

@@ -784,3 +784,97 @@ def test_the_grids_report_records_what_made_it(tmp_path, capsys):
     assert made == {"mode": "grid", "command": shlex.join([sys.executable, "-m", "utils.table", *argv]),
                     "lr_grid": None, "methods": ["mb"], "datasets": ["digits"], "bits": [16], "ties": "index"}
     assert "skipped digits mb_16bit_seed0: finished" in capsys.readouterr().out
+
+
+DIVERGING = """import argparse, json, os, sys
+
+
+def parser():  # a fake script whose runs diverge above lr 0.05
+    p = argparse.ArgumentParser()
+    for flag in ("--dataset", "--out", "--name"):
+        p.add_argument(flag)
+    p.add_argument("--dim", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.05)
+    return p
+
+
+if __name__ == "__main__":
+    args = parser().parse_args()
+    folder = os.path.join(args.out, args.name)
+    os.makedirs(folder, exist_ok=True)
+    record = {"variant": "DHCNN", "dataset": args.dataset, "args": vars(args),
+              "environments": [json.loads(os.environ["FAKE_ENVIRONMENT"])]}
+    if args.lr > 0.05:  # what the trainer writes on a non-finite loss, and its exit status
+        json.dump(dict(record, loss="nan", epoch=1, step=3), open(folder + "/diverged.json", "w"))
+        sys.exit(2)
+    m = {"mAP@100": args.lr * 10 + args.seed / 100}
+    json.dump(dict(record, best_epoch=1, val=m, test=m, environment=record["environments"][0]),
+              open(folder + "/results.json", "w"))
+"""
+
+
+def test_a_rate_that_diverges_is_out_of_the_choice_not_a_failed_cell(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "fake.py"
+    fake.write_text(DIVERGING)
+    monkeypatch.setitem(table.METHODS, "dhcnn", ("DHCNN", str(fake), "DHCNN"))
+    fake_parser = {}
+    exec(compile(DIVERGING, str(fake), "exec"), fake_parser)
+    monkeypatch.setattr(table_cells, "script_parser", lambda method: fake_parser["parser"]())
+    monkeypatch.setenv("FAKE_ENVIRONMENT", json.dumps(cpu_environment()))
+    out = str(tmp_path / "out")
+    # x2 x1 x0.2 of the script's default 0.05: 0.1 (diverges), 0.05 and 0.01.
+    argv = ["--dataset", "fake", "--bits", "8", "--methods", "dhcnn", "--seeds", "0", "1", "--out", out,
+            "--lr-grid", "x2", "x1", "x0.2"]
+    assert table.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "FAILED" not in captured.out and "cell(s) failed" not in captured.err
+    assert captured.out.count("diverged fake dhcnn_8bit_lr0.1_seed") == 2
+    names = sorted(os.listdir(os.path.join(out, "fake")))
+    assert names == [f"dhcnn_8bit_lr{lr}_seed{s}" for lr in ("0.01", "0.05", "0.1") for s in (0, 1)]
+    row = json.load(open(os.path.join(out, "table.json")))["rows"][0]
+    assert row["lr"] == 0.05 and row["mean"] == pytest.approx(50.5) and row["diverged"] == []
+    assert row["lr_grid"] == {"0.1": "diverged", "0.05": pytest.approx(50.5), "0.01": pytest.approx(10.5)}
+    assert json.load(open(os.path.join(out, "table.json")))["made_by"]["lr_grid"] == ["x2", "x1", "x0.2"]
+    # Run again: nothing runs; the diverged cells are results, not cells to retry.
+    assert table.main(argv) == 0
+    assert capsys.readouterr().out.count("diverged at this rate (loss nan at step 3 of epoch 1)") == 2
+    # Without a grid, the rate's row says diverged and has no mean; --collect finds the records too.
+    assert table.main(["--collect", out, "--report", str(tmp_path / "r")]) == 0
+    md = open(tmp_path / "r" / "table.md").read()
+    assert "| DHCNN [lr=0.1] | diverged |" in md and "| DHCNN [lr=0.05] | 50.50 ± 0.71 (n=2) |" in md
+
+
+def test_every_rate_diverging_leaves_the_cell_without_a_number():
+    from utils.table.report import _row, format_cell
+    runs = [{"lr": lr, "seed": 0, "value": None, "val": None, "diverged": "loss nan at step 0 of epoch 1",
+             "folder": "f", "seconds": None, "args": {}, "device": None, "world_size": 1} for lr in (0.1, 0.01)]
+    row = _row("dpsh", "digits", 16, runs, "DPSH", [0.1, 0.01])
+    assert row["lr"] is None and row["mean"] is None and row["diverged"] == ["every rate of the grid"]
+    assert format_cell(row).startswith("diverged")
+
+
+def test_methods_default_to_the_papers_seven_and_all_takes_every_method(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert table.main(["--dataset", "digits", "--bits", "8", "--out", out, "--print-commands"]) == 0
+    names = {shlex.split(line)[shlex.split(line).index("--name") + 1] for line in capsys.readouterr().out.splitlines()}
+    assert names == {f"{m}_8bit_seed0" for m in table_cells.PAPER_METHODS}
+    assert table.main(["--dataset", "digits", "--bits", "8", "--methods", "all", "--out", out, "--print-commands",
+                       "--lr-grid", "x10", "x1"]) == 0
+    cmds = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    rates = {(c[c.index("--method") + 1] if "--method" in c else c[1]): [] for c in cmds}
+    for c in cmds:
+        rates[c[c.index("--method") + 1] if "--method" in c else c[1]].append(c[c.index("--lr") + 1] if "--lr" in c
+                                                                               else None)
+    assert len(cmds) == 2 * 12 + 2  # twelve trained methods at two rates each, LSH and ITQ once
+    # Each method's own default, times 10 and times 1: CSQ's Adam 1e-3, OrthoHash's 1e-4, DCH's 0.05.
+    assert rates["csq"] == ["0.01", "0.001"] and rates["orthohash"] == ["0.001", "0.0001"]
+    assert rates["dch"] == ["0.5", "0.05"] and rates["lsh"] == [None]
+
+
+@pytest.mark.parametrize("grid", [["x0"], ["-0.1"], ["x"], ["fast"]])
+def test_a_bad_rate_in_the_grid_is_refused_in_one_line(grid, tmp_path, no_runs):
+    from utils.errors import UserError
+    with pytest.raises(UserError, match="--lr-grid takes positive learning rates or factors"):
+        table.parse_args(["--dataset", "digits", "--out", str(tmp_path), "--lr-grid", *grid])

@@ -30,6 +30,7 @@ METHODS = {
     "onehot": ("Classifier (one-hot)", BASELINES, "OneHot"),
 }
 VARIANT_KEYS = {variant.lower(): key for key, (_, _, variant) in METHODS.items()}
+PAPER_METHODS = ("mb", "mu", "dhcnn", "triplet", "dpsh", "itq", "lsh")  # the paper's Table I: the default
 FEATURE_METHODS = ("itq", "lsh")  # train nothing: one run whatever the learning rates or epochs
 # The table sets these per cell (as the scripts' parsers name them: their dests); the same flag after --,
 # in any spelling argparse takes for it, would silently put a run in the wrong cell.
@@ -158,6 +159,25 @@ def _given_dests(parser, argv):
             a.default, a.required = default, required
 
 
+def grid_rate(word):
+    """One --lr-grid entry: a learning rate (0.01), or a factor of each method's own default rate (x10)."""
+    text = str(word).strip()
+    value = float(text[1:]) if text[:1] in "x×" else float(text)  # ValueError: argparse's one-line error
+    if not value > 0 or value == float("inf"):
+        raise ValueError(text)
+    return f"x{value:g}" if text[:1] in "x×" else value
+
+
+def grid_rates(method, lr_grid):
+    """The learning rates a grid runs for `method` ([None]: its script's own, for LSH, ITQ and no grid):
+    x<F> entries are F times the method's default --lr (its authors', methods' `defaults`)."""
+    if not lr_grid or method in FEATURE_METHODS:
+        return [None]
+    default = script_parser(method).get_default("lr")
+    rates = [float(f"{default * float(r[1:]):.6g}") if isinstance(r, str) else float(r) for r in lr_grid]
+    return list(dict.fromkeys(rates))
+
+
 def read_json(path):
     try:
         with open(path) as fh:
@@ -191,6 +211,23 @@ def read_result(path):
         return None
 
 
+def read_diverged(path):
+    """A diverged.json (the trainer's record of a non-finite loss) as a record with no numbers; None if unusable."""
+    res = read_json(path)
+    try:
+        args = res["args"]
+        return {"method": VARIANT_KEYS.get(str(res["variant"]).lower(), str(res["variant"]).lower()),
+                "dataset": str(args.get("dataset", res.get("dataset"))), "bits": int(args["dim"]),
+                "seed": int(args.get("seed", 0)), "lr": args.get("lr"), "value": None, "val": None, "args": args,
+                "diverged": f"loss {res.get('loss')} at step {res.get('step')} of epoch {res.get('epoch')}",
+                "seconds": None, "device": res.get("device"), "world_size": int(res.get("world_size", 1)),
+                "world_size_recorded": res.get("world_size"), "environments": res.get("environments") or [],
+                "pr": None, "pk": None, "folder": os.path.dirname(os.path.abspath(path))}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        print(f"warning: skipped {path}: not a run's diverged.json")
+        return None
+
+
 def collect(root):
     """Every usable results.json under root, but not those of folders set aside by --rerun-stale."""
     paths, aside = [], 0
@@ -200,8 +237,11 @@ def collect(root):
         dirs[:] = sorted(kept)
         if "results.json" in files:
             paths.append(os.path.join(d, "results.json"))
+        elif "diverged.json" in files:
+            paths.append(os.path.join(d, "diverged.json"))
     if aside:
         print(f"left out {aside} folder(s) set aside by --rerun-stale (*{STALE_MARK}*)")
-    if not paths:
+    if not any(p.endswith("results.json") for p in paths):
         raise UserError(f"no results.json under {root}; pass the folder holding finished run folders")
-    return [r for r in map(read_result, sorted(paths)) if r]
+    return [r for r in (read_result(p) if p.endswith("results.json") else read_diverged(p) for p in sorted(paths))
+            if r]

@@ -35,12 +35,13 @@ import time
 
 from utils import REPO_ROOT
 from utils.errors import UserError, exit_on_user_error
-from utils.table import grid_runner
-from utils.table.cells import (FEATURE_METHODS, METHODS, STALE_MARK, Cell, cell_label, collect, command, read_result,
-                               reserved_clash, run_folder)
-from utils.table.identity import assess
 from utils.metrics import TIES
+from utils.table import grid_runner
+from utils.table.cells import (FEATURE_METHODS, METHODS, PAPER_METHODS, STALE_MARK, Cell, cell_label, collect, command,
+                               grid_rate, grid_rates, read_diverged, read_result, reserved_clash, run_folder)
+from utils.table.identity import assess
 from utils.table.report import PAPER, PAPER_BITS, aggregate, mixed_environments, with_ties, write_report
+from utils.table.slurm import slurm_args_value
 from utils.training.resume import interpreter
 
 
@@ -49,33 +50,21 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message}; see python -m utils.table --help")
 
 
-def _slurm_args_value(argv):
-    """`--slurm-args "--time=01:00:00"`: the word after --slurm-args (or an abbreviation argparse would
-    take for it) is its value even when it starts with -, which argparse would take for a flag
-    ("expected one argument")."""
-    out, words = [], iter(argv)
-    for word in words:
-        if len(word) >= len("--slurm-a") and "--slurm-args".startswith(word):
-            value = next(words, None)
-            out.append(word if value is None else f"--slurm-args={value}")
-        else:
-            out.append(word)
-    return out
-
-
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = _slurm_args_value(argv[:argv.index("--")] if "--" in argv else argv)
+    argv = slurm_args_value(argv[:argv.index("--")] if "--" in argv else argv)
     p = _Parser(prog="python -m utils.table", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="Everything after a literal -- is passed to every training command.")
     p.add_argument("--dataset", nargs="+", help="datasets (default: NWPU-RESISC45 EuroSAT; with --collect: all found)")
     p.add_argument("--bits", nargs="+", type=int, help="code lengths (default: 16 32 64 128; --collect: all found)")
-    p.add_argument("--methods", nargs="+", help=f"of {' '.join(METHODS)} (default: all, in the paper's order)")
+    p.add_argument("--methods", nargs="+", help=f"of {' '.join(METHODS)}, or all (default: the paper's seven, "
+                                                f"{' '.join(PAPER_METHODS)})")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0; with --collect: all found)")
-    p.add_argument("--lr-grid", nargs="+", type=float, metavar="LR",
+    p.add_argument("--lr-grid", nargs="+", metavar="LR",
                    help="run each trained cell once per learning rate and report the rate with the best mean "
-                        "val mAP@100 over seeds (LSH and ITQ run once)")
+                        "val mAP@100 over seeds (LSH and ITQ run once); xF is F times each method's default "
+                        "--lr (--lr-grid x10 x1 x0.1 brackets every method's own)")
     p.add_argument("--data", help="dataset root passed to the scripts (default: theirs)")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "runs", "table"), help="root of the run folders")
     p.add_argument("--collect", metavar="RUNS_DIR", help="only gather the results.json files under RUNS_DIR")
@@ -104,16 +93,21 @@ def parse_args(argv=None):
     for name in ("dataset", "bits", "methods", "seeds", "lr_grid"):  # a name given twice is one cell, not two runs
         if getattr(args, name):
             setattr(args, name, list(dict.fromkeys(getattr(args, name))))
+    if args.methods and "all" in args.methods:
+        args.methods = list(dict.fromkeys([m for m in args.methods if m != "all"] + list(METHODS)))
     bad = [m for m in args.methods or () if m not in METHODS]
     if bad:
         raise UserError(f"unknown method {bad[0]!r}; choose from {' '.join(METHODS)}")
     if any(b <= 0 for b in args.bits or ()):
         raise UserError(f"--bits must be positive code lengths, got {args.bits}; e.g. --bits 16 32 64 128")
-    if any(not lr > 0 for lr in args.lr_grid or ()):
-        raise UserError(f"--lr-grid takes positive learning rates, got {args.lr_grid}; e.g. --lr-grid 0.1 0.01 0.001")
+    try:
+        args.lr_grid = list(dict.fromkeys(map(grid_rate, args.lr_grid))) if args.lr_grid else None
+    except ValueError:
+        raise UserError(f"--lr-grid takes positive learning rates or factors of each method's default (x10), got "
+                        f"{' '.join(args.lr_grid)}; e.g. --lr-grid 0.1 0.01 0.001 or --lr-grid x10 x1 x0.1") from None
     grid_runner.check_options(args.jobs, args.gpus, args.per_gpu)
     # Each flag as the cells' scripts will take it, abbreviations included (--see is --seed to argparse).
-    clash = reserved_clash(args.methods or list(METHODS), extra, bool(args.lr_grid))
+    clash = reserved_clash(args.methods or list(PAPER_METHODS), extra, bool(args.lr_grid))
     if clash:
         raise UserError(clash)
     if args.collect and (args.print_commands or args.slurm or args.rerun_stale or args.accept_environment):
@@ -139,9 +133,8 @@ def check_writable(folder, flag):
 
 def cells(methods, datasets, bits, seeds, lr_grid=None):
     """The grid; with a learning-rate grid a trained cell is one per rate, LSH and ITQ one in all."""
-    def rates(m):
-        return [None] if not lr_grid or m in FEATURE_METHODS else lr_grid
-    return [Cell(m, d, b, s, lr) for d in datasets for m in methods for b in bits for lr in rates(m) for s in seeds]
+    return [Cell(m, d, b, s, lr) for d in datasets for m in methods for b in bits for lr in grid_rates(m, lr_grid)
+            for s in seeds]
 
 
 def assess_grid(grid, args, extra, gpu=None, here=True):
@@ -184,7 +177,7 @@ def jobs_of(grid, found, args, extra, resume_auto=False):
     out = []
     for cell in grid:
         state = found[cell].state
-        if state == "finished":
+        if state in ("finished", "diverged"):
             continue
         folder = run_folder(args.out, cell)
         resume = "auto" if resume_auto else state == "resume"
@@ -206,7 +199,7 @@ def collected(args):
     wanted = (("method", args.methods), ("dataset", args.dataset), ("bits", args.bits), ("seed", args.seeds))
     records = [r for r in collect(args.collect) if all(f is None or r[k] in f for k, f in wanted)]
     if args.lr_grid:  # only the rates of the grid asked for take part in the choice
-        records = [r for r in records if r["method"] in FEATURE_METHODS or r["lr"] in args.lr_grid]
+        records = [r for r in records if r["method"] in FEATURE_METHODS or r["lr"] in grid_rates(r["method"], args.lr_grid)]
     if not records:
         raise UserError(f"no results under {args.collect} match the --dataset/--bits/--methods/--seeds/--lr-grid "
                         f"given; drop or widen them")
@@ -228,7 +221,7 @@ def run(jobs, args):
         record = read_result(os.path.join(job.folder, "results.json"))
         return f"test mAP@100 {record['value']:.2f}%" if record else None
     failures, signum = grid_runner.run_jobs(jobs, args.jobs, args.gpus, args.per_gpu, on_finish=note)
-    return [(job.label, job.cmd, status) for job, status, _ in failures], signum
+    return [(job.label, job.cmd, status, job.folder) for job, status, _ in failures], signum
 
 
 # What shapes a report (its rows and the rates shown), compared before --collect replaces one.
@@ -267,7 +260,7 @@ def _same(value):
 @exit_on_user_error
 def main(argv=None):
     args, extra = parse_args(argv)
-    methods, datasets = args.methods or list(METHODS), args.dataset or list(PAPER)
+    methods, datasets = args.methods or list(PAPER_METHODS), args.dataset or list(PAPER)
     grid = cells(methods, datasets, args.bits or list(PAPER_BITS), args.seeds or [0], args.lr_grid)
     report = os.path.abspath(args.report or args.collect or args.out)
     if not args.collect:
@@ -311,15 +304,20 @@ def main(argv=None):
                 print(f"skipped {cell_label(cell)}: finished ({os.path.join(run_folder(args.out, cell), 'results.json')})")
             elif a.state == "resume":
                 print(f"resuming {cell_label(cell)}: {a.reason}")
+            elif a.state == "diverged":
+                print(f"skipped {cell_label(cell)}: diverged at this rate ({a.reason}), out of the rate choice")
         print(f"{where}\nrun folders: {os.path.join(args.out, '<dataset>', '<method>_<bits>bit[_lr<lr>]_seed<seed>')} "
               f"(each run's output in its log.txt)")
         failures, signum = run(jobs_of(grid, found, args, extra), args)
         if signum:
             print(f"\nstopped by signal {signum}; run the same command again to resume the grid", file=sys.stderr)
             return 128 + signum
-        done = [run_folder(args.out, c) for c in grid
-                if assess(c, args.out, args.data, extra, gpu, here).state == "finished"]
-        records = [r for r in (read_result(os.path.join(f, "results.json")) for f in done) if r]
+        states = {run_folder(args.out, c): assess(c, args.out, args.data, extra, gpu, here).state for c in grid}
+        records = [r for r in (read_result(os.path.join(f, "results.json")) if s == "finished" else
+                               read_diverged(os.path.join(f, "diverged.json")) for f, s in states.items()
+                               if s in ("finished", "diverged")) if r]
+        # A run stopped by a non-finite loss is a result at that rate (diverged), not a failed cell.
+        failures = [f for f in failures if states.get(f[3]) != "diverged"]
         for r in records:  # taken with --accept-environment: marked in table.md
             if r["folder"] in accepted:
                 r["environment_accepted"] = accepted[r["folder"]]
@@ -336,6 +334,7 @@ def main(argv=None):
     rows = aggregate(with_ties(records, args.ties), methods, datasets, bits, args.lr_grid)
     for line in mixed_environments(rows):
         print(f"warning: {line}", file=sys.stderr)
+    failures = [f[:3] for f in failures]
     paths = write_report(report, rows, failures, args.lr_grid, args.figure_bits, made_by, args.ties)
     print("wrote " + ", ".join(paths))
     if failures:

@@ -76,14 +76,15 @@ def _legend(fig, handles_labels, caption=None):
                    frameon=False)
 
 
-def table_figure(stem, rows):
+def table_figure(stem, rows, ties="index"):
     """mAP@100 against bits (log2 axis), one panel per dataset, one colour per method: ours as solid
     lines with error bars of +- the std over seeds, the paper's as dashed lines with open circles
-    where the paper has a value. Writes stem.png and stem.pdf; returns their paths."""
-    return _save(draw_table(rows), stem)
+    where the paper has a value; ties "expected": the tie-aware mAP@100 (--ties). Writes stem.png and
+    stem.pdf; returns their paths."""
+    return _save(draw_table(rows, ties), stem)
 
 
-def draw_table(rows):
+def draw_table(rows, ties="index"):
     """table_figure's Figure: every row its own colour, marker and line style (row_styles); the caption
     says what the error bars are, the sample std over how many seeds (in the legend, per row, when
     the rows have different numbers)."""
@@ -111,7 +112,7 @@ def draw_table(rows):
         ax.set_xscale("log", base=2)
         ax.set_xticks(bits, [str(b) for b in bits])
         ax.minorticks_off()
-        ax.set(title=d, xlabel="code length (bits)", ylabel="test mAP@100 (%)")
+        ax.set(title=d, xlabel="code length (bits)", ylabel="test mAP@100 (%)" if ties == "index" else "tie-aware test mAP@100 (%)")
         ax.grid(alpha=0.3)
     if any(r["paper"] is not None for r in rows):
         from matplotlib.lines import Line2D
@@ -177,8 +178,8 @@ def pr_curves_figure(stem, rows, bits):
                           "precision (within Hamming radius)", "PR curves")
 
 
-def precision_at_k_figure(stem, rows, bits):
+def precision_at_k_figure(stem, rows, bits, ties="index"):
     """Precision at K (top K of the Hamming ranking, test queries, mean over seeds) against K, one
     panel per dataset, one line per method, at `bits`. Writes stem.png and stem.pdf."""
     return _curves_figure(stem, rows, bits, "precision_at_k", "k", "precision", "K (retrieved images)",
-                          "precision@K", "precision@K curves")
+                          "precision@K" if ties == "index" else "tie-aware precision@K", "precision@K curves")

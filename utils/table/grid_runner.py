@@ -208,6 +208,10 @@ class _Grid:
                 self.tqdm.write(f"stopped {job.label} after {took} (exit status {status}); the same command "
                                 "continues it from its checkpoint")
                 self.stopped += 1
+            elif status and _diverged_since(job.folder, time.time() - (time.monotonic() - child.started)):
+                # The trainer's record of a non-finite loss: a result at this rate, not a failed cell.
+                self.tqdm.write(f"diverged {job.label} after {took} (a non-finite loss; {job.folder}/diverged.json)")
+                self.done += 1
             elif status:
                 self.failed(job, status, log_tail(job.log))
             else:
@@ -282,3 +286,11 @@ def run_jobs(jobs, jobs_at_once=1, gpus=None, per_gpu=1, cwd=REPO_ROOT, on_finis
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _diverged_since(folder, started):
+    """Whether the run in `folder` wrote diverged.json (utils/training/trainer.py) since `started` (time.time())."""
+    try:
+        return os.path.getmtime(os.path.join(folder, "diverged.json")) >= started - 1.0
+    except OSError:
+        return False

@@ -275,7 +275,8 @@ def environment_difference(now, recorded_envs, args, trains=True, device=None, w
     return f"ran in another environment than a cell here would get: {', '.join(said)}" if said else ""
 
 
-Assessment = namedtuple("Assessment", "state reason environment", defaults=("",))  # state: new, finished, resume, stale
+# state: new, finished, resume, stale, or diverged (a non-finite loss stopped it: the rate is out of the choice)
+Assessment = namedtuple("Assessment", "state reason environment", defaults=("",))
 
 
 def assess(cell, out, data=None, extra=(), gpu=None, here=True):
@@ -293,6 +294,12 @@ def assess(cell, out, data=None, extra=(), gpu=None, here=True):
     ckpt = _checkpoint_progress(last) if os.path.exists(last) else None
     if ckpt == "unreadable":
         return Assessment("stale", f"its {last} cannot be read")
+    diverged = read_json(os.path.join(folder, "diverged.json")) if record is None else None
+    if diverged is not None:  # before its checkpoint: resuming would diverge again
+        now = cell_environment(wanted, trains, gpu) if here else None
+        why = _differences(cell, wanted, diverged["args"], "the diverged run's", now, diverged.get("device"))
+        return Assessment("stale", why) if why else Assessment(
+            "diverged", f"loss {diverged.get('loss')} at step {diverged.get('step')} of epoch {diverged.get('epoch')}")
     if record is None and os.path.exists(results) and ckpt is None:
         return Assessment("stale", f"its {results} cannot be read and there is no checkpoint to resume")
     if record is None and ckpt is None:

@@ -7,7 +7,7 @@ import shlex
 import statistics
 
 from utils.errors import UserError
-from utils.table.cells import FEATURE_IGNORED, FEATURE_METHODS, IGNORED, METHODS
+from utils.table.cells import FEATURE_IGNORED, FEATURE_METHODS, IGNORED, METHODS, grid_rates
 from utils.table.identity import identity, ran_pipeline
 from utils.training.checkpoint import write_atomically, write_json_atomic
 
@@ -75,6 +75,9 @@ def with_ties(records, ties):
         return records
     out, missing = [], []
     for r in records:
+        if r.get("diverged"):  # no numbers of either kind
+            out.append(r)
+            continue
         try:
             with open(os.path.join(r["folder"], "results.json")) as fh:
                 test = json.load(fh).get("test_tie_aware")
@@ -126,15 +129,17 @@ def _label(method, part_settings, all_settings):
 
 
 def choose_lr(runs, order=()):
-    """(chosen lr, {lr: mean val mAP@100}): among the rates with the most finished seeds, the best mean
-    val score; a tie goes to the rate first in `order` (the --lr-grid). Test numbers play no part."""
+    """(chosen lr, {lr: mean val mAP@100, or "diverged"}): among the rates with the most finished seeds,
+    the best mean val score; a rate at which any seed diverged (a non-finite loss) is out of the choice
+    (None when every rate is); a tie goes to the rate first in `order` (the --lr-grid). Test numbers
+    play no part."""
     by_lr = {}
     for r in sorted(runs, key=lambda r: list(order).index(r["lr"]) if r["lr"] in order else len(order)):
-        by_lr.setdefault(r["lr"], []).append(r["val"])
+        by_lr.setdefault(r["lr"], []).append(None if r.get("diverged") else r["val"])
     most = max(len(v) for v in by_lr.values())
-    scores = {lr: statistics.mean(v) for lr, v in by_lr.items()}
-    chosen = max((lr for lr, v in by_lr.items() if len(v) == most), key=lambda lr: scores[lr])
-    return chosen, scores
+    scores = {lr: "diverged" if None in v else statistics.mean(v) for lr, v in by_lr.items()}
+    usable = [lr for lr, v in by_lr.items() if len(v) == most and scores[lr] != "diverged"]
+    return (max(usable, key=lambda lr: scores[lr]) if usable else None), scores
 
 
 def _mean_curve(runs, key, x, y):
@@ -163,18 +168,22 @@ def _row(m, d, b, all_runs, label, lr_grid):
     lr, scores = (None, None)
     runs = all_runs
     if lr_grid and all_runs and m not in FEATURE_METHODS:
-        lr, scores = choose_lr(all_runs, lr_grid)
+        lr, scores = choose_lr(all_runs, grid_rates(m, lr_grid))
         runs = [r for r in all_runs if r["lr"] == lr]
     runs = sorted(runs, key=lambda r: r["seed"])
-    vals = [r["value"] for r in runs]
+    diverged = [r for r in runs if r.get("diverged")]  # without a grid: the row has no mean
+    vals = [] if diverged else [r["value"] for r in runs]
     mean = statistics.mean(vals) if vals else None
     paper = PAPER.get(d, {}).get(m, {}).get(b)
     timed = [r for r in all_runs if r["seconds"] is not None]
     row = {"method": label, "key": m, "dataset": d, "bits": b, "n_seeds": len(vals), "mean": mean,
            "std": statistics.stdev(vals) if len(vals) > 1 else None, "paper": paper,
-           "diff": None if mean is None or paper is None else mean - paper, "seeds": [r["seed"] for r in runs],
+           "diff": None if mean is None or paper is None else mean - paper, "seeds": [r["seed"] for r in runs if not diverged],
            "runs": [{"seed": r["seed"], "lr": r["lr"], "value": r["value"], "val": r["val"], "folder": r["folder"]}
-                    for r in runs],
+                    | ({"diverged": r["diverged"]} if r.get("diverged") else {}) for r in runs],
+           "diverged": [f"seed {r['seed']}: {r['diverged']}" for r in diverged]
+                       or (["every rate of the grid"] if lr_grid and all_runs and lr is None and m not in FEATURE_METHODS
+                           else []),
            "seconds": sum(r["seconds"] * r["world_size"] for r in timed) if timed else None,
            "untimed_runs": len(all_runs) - len(timed),
            "devices": sorted({r["device"] for r in timed if r["device"]}),
@@ -220,7 +229,7 @@ ACCEPTED_MARK = "†"  # a cell whose run ran in another environment, taken with
 
 
 def format_cell(row):
-    ours = "—" if row["mean"] is None else f"{row['mean']:.2f}"
+    ours = ("diverged" if row.get("diverged") else "—") if row["mean"] is None else f"{row['mean']:.2f}"
     if row["n_seeds"] > 1:
         ours += f" ± {row['std']:.2f} (n={row['n_seeds']})"
     if row.get("lr") is not None:
@@ -313,7 +322,7 @@ def write_report(folder, rows, failures=(), lr_grid=None, figure_bits=None, made
     write_csv(paths[1], rows, lr_grid)
     write_json(paths[2], rows, failures, lr_grid, made_by, ties)
     bits = figure_bits or max((r["bits"] for r in rows), default=None)
-    paths += table_figure(os.path.join(folder, "table"), rows)
+    paths += table_figure(os.path.join(folder, "table"), rows, ties)
     paths += pr_curves_figure(os.path.join(folder, "pr_curves"), rows, bits)
-    paths += precision_at_k_figure(os.path.join(folder, "precision_at_k"), rows, bits)
+    paths += precision_at_k_figure(os.path.join(folder, "precision_at_k"), rows, bits, ties)
     return paths

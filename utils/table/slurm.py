@@ -141,3 +141,17 @@ def write_sbatch(slurm_dir, jobs, max_running=None, sbatch_args=""):
     os.chmod(part, 0o755)
     os.replace(part, script)  # a half-written script is never submitted
     return script
+
+
+def slurm_args_value(argv):
+    """`--slurm-args "--time=01:00:00"`: the word after --slurm-args (or an abbreviation argparse would
+    take for it) is its value even when it starts with -, which argparse would take for a flag
+    ("expected one argument")."""
+    out, words = [], iter(argv)
+    for word in words:
+        if len(word) >= len("--slurm-a") and "--slurm-args".startswith(word):
+            value = next(words, None)
+            out.append(word if value is None else f"--slurm-args={value}")
+        else:
+            out.append(word)
+    return out

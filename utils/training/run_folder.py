@@ -29,6 +29,7 @@ class RunFolder:
         self.last = os.path.join(self.path, "checkpoint_last.pth")
         self.best = os.path.join(self.path, "checkpoint_best.pth")
         self.results = os.path.join(self.path, "results.json")
+        self.diverged = os.path.join(self.path, "diverged.json")  # a non-finite loss stopped it (trainer.py)
         self.tensorboard = os.path.join(self.path, "tensorboard")
 
     @staticmethod
@@ -64,7 +65,7 @@ class RunFolder:
         only what the trainer writes first (args.json, tensorboard/), and the folder if that
         leaves it empty. A folder with a checkpoint or results, or one that existed before, stays."""
         if not (dist.is_main() and self.created) or any(
-                os.path.exists(p) for p in (self.last, self.best, self.results)):
+                os.path.exists(p) for p in (self.last, self.best, self.results, self.diverged)):
             return
         if os.path.isfile(os.path.join(self.path, "args.json")):
             os.remove(os.path.join(self.path, "args.json"))

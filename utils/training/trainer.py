@@ -134,10 +134,7 @@ class Trainer:
         for batch in bar:
             terms, n = self.train_step(batch)
             if not all_ranks_finite(terms["total"], self.device):
-                kept = (f"the last good checkpoint is kept at {self.run.last}" if os.path.exists(self.run.last)
-                        else "no checkpoint had been written yet")
-                raise UserError(f"the loss became {terms['total'].item()} at step {self.step_in_epoch} of epoch "
-                                f"{epoch + 1}; {kept}; lower --lr (or drop --amp) and resume or restart")
+                self.diverged(terms["total"].item(), epoch)
             for k, v in terms.items():
                 self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v.item() * n
             self.epoch_sums["n"] = self.epoch_sums.get("n", 0) + n
@@ -208,6 +205,8 @@ class Trainer:
                 writer.close()  # also on errors: the events so far are kept
         if dist.is_main():
             write_json_atomic(self.run.results, results)
+            if os.path.exists(self.run.diverged):  # an earlier try in this folder diverged; this one finished
+                os.remove(self.run.diverged)
             key = f"mAP@{s.topk}"
             print(f"best epoch {results['best_epoch']}: val {key} {results['val'][key]:.4f}; "
                   f"test {key} {results['test'][key]:.4f}  P@20 {results['test']['P@20']:.4f}\n"
@@ -262,6 +261,21 @@ class Trainer:
                 "device": device_kind(device), "world_size": dist.world_size(),
                 "environment": environment(device, self.amp_dtype, s.model.arch),
                 "environments": self.environments}
+
+
+    def diverged(self, loss, epoch):
+        """Stop on a non-finite loss. diverged.json records where, with the run's flags, so that a grid
+        (python -m utils.table --lr-grid) counts the rate as diverged rather than as a failed cell."""
+        kept = (f"the last good checkpoint is kept at {self.run.last}" if os.path.exists(self.run.last)
+                else "no checkpoint had been written yet")
+        if dist.is_main():
+            write_json_atomic(self.run.diverged,
+                              {"variant": self.config["variant"], "dataset": self.settings.data.dataset,
+                               "loss": str(loss), "epoch": epoch + 1, "step": self.step_in_epoch,
+                               "args": plain_args(self.args), "device": device_kind(self.device),
+                               "world_size": dist.world_size(), "environments": self.environments})
+        raise UserError(f"the loss became {loss} at step {self.step_in_epoch} of epoch {epoch + 1}; {kept}; "
+                        f"lower --lr (or drop --amp) and resume or restart")
 
 
 def optimizer_for(optim, model, method):

@@ -1,5 +1,5 @@
-"""The retrieval command, `python -m utils.retrieve index | query | evaluate` (its usage is the
-docstring of utils/retrieval/parser.py)."""
+"""The retrieval command, `python -m utils.retrieve index | query | evaluate | serve` (its usage is
+the docstring of utils/retrieval/parser.py; serve's page and endpoints are in serve.py)."""
 import json
 import os
 import sys
@@ -124,8 +124,9 @@ def describe(args, taken):
     return ", ".join(f"--{k} {getattr(args, k)}" for k in taken)
 
 
-def engine_of(args, index):
-    """The BinaryIndex a query searches: the index's own (exact), or an approximate one over its codes."""
+def engine_of(args, index, keep=True):
+    """The BinaryIndex a query searches: the index's own (exact), or an approximate one over its codes
+    (keep=False: a structure built is not kept in the index folder, for `serve`)."""
     given = {flag: getattr(args, flag) for flags in ENGINE_FLAGS.values() for flag in flags
              if getattr(args, flag) is not None}
     wrong = [flag for flag in given if flag not in ENGINE_FLAGS.get(args.engine, ())]
@@ -142,7 +143,7 @@ def engine_of(args, index):
                         f"{args.engine} builds its tables at every query")
     search = BinaryIndex.from_packed(index.search.bits, index.search.codes, args.engine, **given)
     if os.path.isdir(index.path):  # an index folder keeps the structure for the next query
-        attach(search, index.path, index.header, given, rebuild=args.rebuild_engine)
+        attach(search, index.path, index.header, given, rebuild=args.rebuild_engine, keep_built=keep)
     return search
 
 
@@ -250,6 +251,15 @@ def cmd_evaluate(args, device):
         print(f"metrics written to {args.json}")
 
 
+def cmd_serve(args, device):
+    try:
+        from utils.retrieval.serve import serve  # noqa: PLC0415 - only `serve` needs the web stack
+    except ImportError as err:
+        raise UserError(f"serve needs FastAPI, uvicorn and python-multipart ({err}); install them with "
+                        f"`.venv/bin/pip install -r requirements.txt`") from None
+    return serve(args, device, lambda a, index: engine_of(a, index, keep=False))
+
+
 def argparse_namespace(args, **changes):
     return type(args)(**{**vars(args), **changes})
 
@@ -268,7 +278,8 @@ def main(argv=None):
     if several:
         dist.init(device.type)
     try:
-        {"index": cmd_index, "query": cmd_query, "evaluate": cmd_evaluate}[args.command](args, device)
+        commands = {"index": cmd_index, "query": cmd_query, "evaluate": cmd_evaluate, "serve": cmd_serve}
+        commands[args.command](args, device)
     finally:
         dist.cleanup()
     return 0

@@ -39,10 +39,12 @@ def read_record(file):
         return None
 
 
-def attach(search, folder, header, asked, rebuild=False, say=None):
+def attach(search, folder, header, asked, rebuild=False, say=None, keep_built=True):
     """Give BinaryIndex `search` (an approximate engine over the folder's codes) its structure:
     loaded from the folder when one was kept for these build flags, else built and kept there.
-    `asked`: the engine flags given on the command line (None where left to the default)."""
+    `asked`: the engine flags given on the command line (None where left to the default).
+    keep_built=False (`retrieve serve`, which never writes into the index folder): built or grown
+    in memory only."""
     say = say or (lambda text: print(text, file=sys.stderr))
     engine = search.engine
     if engine not in BUILD_FLAGS:  # multi-index hashing: its tables are rebuilt in a moment
@@ -77,6 +79,10 @@ def attach(search, folder, header, asked, rebuild=False, say=None):
         search.approx.sync(search.codes)
         say(f"built the {engine} structure over {len(search)} codes ({engine_params(search)}) in "
             f"{time.perf_counter() - started:.1f} s")
+    if not keep_built:
+        say(f"not kept in {folder}: this command does not write into the index folder (a `retrieve query "
+            f"--engine {engine}` with the same build flags keeps it)")
+        return
     keep(search, structure, record_file, want, say)
 
 

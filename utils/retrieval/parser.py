@@ -8,6 +8,7 @@
     python -m utils.retrieve query    --index ucm.index path/to/image.tif --exclude-self --json results.json
     python -m utils.retrieve query    --index ucm.index path/to/image.tif --engine ivf --nprobe 32
     python -m utils.retrieve evaluate --checkpoint runs/X/checkpoint_best.pth --split test
+    python -m utils.retrieve serve    --index ucm.index [--compare other.index] [--host 127.0.0.1 --port 8000]
     torchrun --nproc_per_node=4 -m utils.retrieve index ...   (each process encodes a share)
 
 index and evaluate take the dataset, the data folder and the image extension from the flags
@@ -41,8 +42,16 @@ ENGINE_HELP = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Bad flags get one line and exit 2, like every other bad input (the subcommands' parsers are of
+    this class too: argparse makes them of their parent's)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m utils.retrieve", description=__doc__,
+    p = ArgumentParser(prog="python -m utils.retrieve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -56,6 +65,11 @@ def build_parser():
         q.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cuda, cuda:N, mps or cpu")
         q.add_argument("-b", "--batch-size", type=int, default=128, help="images encoded per batch (default 128)")
         q.add_argument("--num_workers", type=int, default=2, help="data-loading worker processes (default 2)")
+
+    def engine_flags(q):
+        for flags in ENGINE_FLAGS.values():
+            for flag in flags:
+                q.add_argument(f"--{flag}", type=int, default=None, help=ENGINE_HELP[flag])
 
     def dataset(q):
         q.add_argument("--data", default=None,
@@ -100,9 +114,30 @@ def build_parser():
     q.add_argument("--rebuild-engine", action="store_true",
                    help="build the --engine structure again instead of loading the one kept in the index "
                         "folder (e.g. for the default nlist of an index that has grown by --append)")
-    for flags in ENGINE_FLAGS.values():
-        for flag in flags:
-            q.add_argument(f"--{flag}", type=int, default=None, help=ENGINE_HELP[flag])
+    engine_flags(q)
+    q = sub.add_parser("serve", help="a local web page over an index: pick or upload a query, see its top K "
+                                     "with their distances, classes and metrics (JSON endpoints behind it)")
+    common(q, checkpoint_required=False)
+    q.add_argument("--index", required=True, help="an index written by `python -m utils.retrieve index`")
+    q.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
+                        "network, with a warning: there is no login)")
+    q.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free one)")
+    q.add_argument("--topk", type=int, default=20, help="results per query the page starts with (default 20)")
+    q.add_argument("--compare", default=None, metavar="OTHER.index",
+                   help="a second index of the same images (another checkpoint): the two rankings side by side")
+    q.add_argument("--cache", default=None, metavar="DIR",
+                   help="folder for thumbnails (made once) and uploads in flight (default NAME.index.cache beside "
+                        "the index; the index folder itself is never written)")
+    q.add_argument("--max-upload-mb", type=float, default=32, help="largest upload taken, in MiB (default 32)")
+    q.add_argument("--max-pixels", type=int, default=50_000_000,
+                   help="largest image decoded (an upload, or an indexed image made into a thumbnail), in pixels "
+                        "(default 50,000,000)")
+    q.add_argument("--engine", default="exact", choices=("exact", *ENGINES),
+                   help="exact (default) or an approximate engine, as for query; a structure the index folder "
+                        "does not keep is built in memory at start (the server writes nothing there)")
+    engine_flags(q)
+    q.set_defaults(rebuild_engine=False)
     q = sub.add_parser("evaluate", help="the metric table of a checkpoint on a split")
     common(q)
     dataset(q)

@@ -96,7 +96,8 @@ async function start() {
   $("worst-button").addEventListener("click", () => showWorst($("class-filter").value));
   $("upload-button").addEventListener("click", searchUpload);
   window.addEventListener("hashchange", fromHash);
-  if (!fromHash()) browse(0);
+  fromHash();  // a shared link (#id=I&k=K) shows its query at once
+  browse(0);
 }
 
 function filters() {

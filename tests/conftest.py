@@ -5,6 +5,10 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+# README's test command runs two pytest workers (pytest-xdist) on a 2-core machine: one torch thread
+# each, for the tests in the workers and the runs they start, or four threads fight over two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 

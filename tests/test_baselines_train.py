@@ -10,7 +10,7 @@ import torch
 from conftest import REPO
 
 MAIN = os.path.join(REPO, "baselines", "main.py")
-ENV = dict(os.environ, OMP_NUM_THREADS="2")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 FAST = ["--no-pretrained", "--img-size", "32", "--dim", "16", "--num_workers", "0", "--device", "cpu"]
 
 

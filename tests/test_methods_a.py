@@ -382,7 +382,7 @@ def test_the_heads_and_greedyhash_trains_its_classifier():
 # --------------------------------------------------------------------------- digits
 
 MAIN = os.path.join(REPO, "baselines", "main.py")
-ENV = dict(os.environ, OMP_NUM_THREADS="2")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
 DIGITS = ["--dataset", "digits", "--no-pretrained", "--img-size", "16", "-b", "64", "--dim", "16", "--epochs", "3",
           "--eval-every", "3", "--num_workers", "0", "--device", "cpu"]
 

@@ -13,7 +13,7 @@ def readme():
 
 def test_ci_runs_readmes_test_command_as_written():
     command = re.search(r"Run the tests:\n\n```bash\n(.+)\n```", readme()).group(1)
-    assert command == ".venv/bin/python -m pytest -q tests"
+    assert command == ".venv/bin/python -m pytest -q -n 2 tests"
     with open(os.path.join(REPO, ".ci", "run")) as fh:
         assert command in [line.strip() for line in fh]
 

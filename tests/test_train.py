@@ -14,7 +14,7 @@ FAST = ["--no-pretrained", "--img-size", "16", "--dim", "16", "--num_workers", "
 
 
 def run_script(variant, *args, cwd=None, check=True):
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, SCRIPTS[variant], *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
     if check and proc.returncode != 0:

@@ -348,7 +348,7 @@ def test_each_method_learns_on_digits(method, name, extra, digits_root, tmp_path
     assert results["variant"] == name and ckpt["config"]["variant"] == name
     assert results["test"]["mAP@100"] > 0.25, results["test"]
     args = ckpt["args"]
-    for key, value in METHOD_CLASSES[method].defaults.items():
+    for key, value in (METHOD_CLASSES[method].defaults or {}).items():
         assert args[key] == value, key  # the authors' optimiser and schedule, recorded
     if method == "hashnet":
         assert int(ckpt["method"]["steps"]) == 33  # the continuation's count travels with the run

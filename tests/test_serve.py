@@ -556,9 +556,11 @@ class Server:
         conn.close()
         return out
 
-    def stop(self, sig):
-        """Send `sig`: (exit status, everything the server wrote on stderr)."""
+    def signal(self, sig):
         self.proc.send_signal(sig)
+
+    def wait(self):
+        """(exit status, everything the server wrote on stderr) once it has stopped."""
         try:
             code = self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -567,38 +569,54 @@ class Server:
         time.sleep(0.1)  # the reader thread takes the last lines
         return code, "".join(self.err)
 
+    def stop(self, sig):
+        self.signal(sig)
+        return self.wait()
+
     def kill(self):
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
 
 
+class Servers:
+    """The real servers of the demo index, each started from an empty folder when first asked for:
+    `live` (the page in the browser and the raw requests; SIGTERM stops it) and `second` (SIGINT stops
+    it). With CDNE_SERVE_INDEX set (docs/make_serve_png.sh), `live` serves that index instead."""
+
+    def __init__(self, demo, cwd):
+        self.demo, self.cwd, self.started = demo, cwd, {}
+        self.beside = sorted(os.listdir(os.path.dirname(demo["index"])))
+
+    def __getitem__(self, name):
+        if name not in self.started:
+            index = os.environ.get("CDNE_SERVE_INDEX") if name == "live" else None
+            self.started[name] = Server("--index", index or self.demo["index"], cwd=str(self.cwd))
+        return self.started[name]
+
+    def kill(self):
+        for server in self.started.values():
+            server.kill()
+
+
 @pytest.fixture(scope="module")
 def servers(demo, tmp_path_factory):
-    """Two real servers of the demo index, started together from an empty folder: `live` (the page in
-    the browser and the raw requests; SIGTERM stops it) and `second` (SIGINT stops it). With
-    CDNE_SERVE_INDEX set (docs/make_serve_png.sh), `live` serves that index instead, alone."""
-    cwd = tmp_path_factory.mktemp("serve_cwd")
-    beside = sorted(os.listdir(os.path.dirname(demo["index"])))
-    other = os.environ.get("CDNE_SERVE_INDEX")
-    started = {"live": Server("--index", other or demo["index"], cwd=str(cwd))}
-    if not other:
-        started["second"] = Server("--index", demo["index"], cwd=str(cwd))
-    yield {**started, "cwd": cwd, "beside": beside}
-    for server in started.values():
-        server.kill()
+    started = Servers(demo, tmp_path_factory.mktemp("serve_cwd"))
+    yield started
+    started.kill()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def servers_started_early(request):
-    """The real servers start with this module's first test when a test selected uses them: they boot
-    (about 5 s of imports) while the tests through the test client run. Not under pytest-xdist: a
-    worker does not know which of the tests it collected it will be given, and the other worker keeps
-    the second core busy anyway."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    """Both real servers start with this module's first test when a test selected uses them: they boot
+    (about 5 s of imports each, at the same time) while the tests through the test client run. Not
+    under pytest-xdist: a worker does not know which of the tests it collected it will be given (each
+    server starts when a test first asks for it), and the other worker keeps the second core busy."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("CDNE_SERVE_INDEX"):
         return
     if any("servers" in item.fixturenames for item in request.session.items):
-        request.getfixturevalue("servers")
+        servers = request.getfixturevalue("servers")
+        servers["live"], servers["second"]  # noqa: B018 - started, not waited for
 
 
 def assert_raw_error(answer, status):
@@ -827,6 +845,7 @@ def test_the_server_process(demo, servers):
     the index but its cache, nothing where the servers were started, no upload left."""
     if os.environ.get("CDNE_SERVE_INDEX"):
         pytest.skip("CDNE_SERVE_INDEX is set: the live server serves another index than the demo's")
+    second = servers["second"]  # booting, if it is not up already, while `live` is questioned
     server = servers["live"].ready()
     try:
         assert server.host == "127.0.0.1" and server.url.startswith("http://127.0.0.1:")
@@ -858,17 +877,17 @@ def test_the_server_process(demo, servers):
         assert_raw_error(server.raw("/api/search", "POST", body=bomb,
                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}), 413)
         assert json.loads(server.raw("/api/worst?label=1&k=5")[2])["label"] == "1"
-    finally:
-        code, err = server.stop(signal.SIGTERM)
+        assert second.ready().raw("/api/search?id=1&k=2")[0] == 200
+    finally:  # both stopped at once: a server takes about 1.5 s to shut down and exit
+        server.signal(signal.SIGTERM)
+        second.signal(signal.SIGINT)
+        (code, err), (second_code, second_err) = server.wait(), second.wait()
     assert code == 143 and "Traceback" not in err, err
-    second = servers["second"].ready()
-    assert second.raw("/api/search?id=1&k=2")[0] == 200
-    code, err = second.stop(signal.SIGINT)
-    assert code == 130 and "Traceback" not in err, err
+    assert second_code == 130 and "Traceback" not in second_err, second_err
     assert folder_digest(demo["index"]) == demo["digest"]
-    assert sorted(os.listdir(os.path.dirname(demo["index"]))) == sorted({*servers["beside"], "digits.index.cache"})
+    assert sorted(os.listdir(os.path.dirname(demo["index"]))) == sorted({*servers.beside, "digits.index.cache"})
     assert os.listdir(demo["index"] + ".cache/uploads") == []
-    assert os.listdir(servers["cwd"]) == []  # nothing written where they were started
+    assert os.listdir(servers.cwd) == []  # nothing written where they were started
 
 
 def test_listening_beyond_this_machine_warns_in_one_line(demo, monkeypatch, capsys):

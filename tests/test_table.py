@@ -404,14 +404,19 @@ if __name__ == "__main__":
 """
 
 
-def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch, capsys):
+def use_fake_script(source, tmp_path, monkeypatch):
+    """DHCNN's cells run the fake script `source` (its parser is the table's view of their flags)."""
     fake = tmp_path / "fake.py"
-    fake.write_text(FAKE)
+    fake.write_text(source)
     monkeypatch.setitem(table.METHODS, "dhcnn", ("DHCNN", str(fake), "DHCNN"))
     fake_parser = {}
-    exec(compile(FAKE, str(fake), "exec"), fake_parser)
+    exec(compile(source, str(fake), "exec"), fake_parser)
     monkeypatch.setattr(table_cells, "script_parser", lambda method: fake_parser["parser"]())
     monkeypatch.setenv("FAKE_ENVIRONMENT", json.dumps(cpu_environment()))  # what a real run records
+
+
+def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path, monkeypatch, capsys):
+    use_fake_script(FAKE, tmp_path, monkeypatch)
     out = str(tmp_path / "out")
     code = table.main(["--dataset", "fake", "--bits", "8", "16", "--methods", "dhcnn", "--seeds", "0", "1",
                        "--out", out])
@@ -816,13 +821,7 @@ if __name__ == "__main__":
 
 
 def test_a_rate_that_diverges_is_out_of_the_choice_not_a_failed_cell(tmp_path, monkeypatch, capsys):
-    fake = tmp_path / "fake.py"
-    fake.write_text(DIVERGING)
-    monkeypatch.setitem(table.METHODS, "dhcnn", ("DHCNN", str(fake), "DHCNN"))
-    fake_parser = {}
-    exec(compile(DIVERGING, str(fake), "exec"), fake_parser)
-    monkeypatch.setattr(table_cells, "script_parser", lambda method: fake_parser["parser"]())
-    monkeypatch.setenv("FAKE_ENVIRONMENT", json.dumps(cpu_environment()))
+    use_fake_script(DIVERGING, tmp_path, monkeypatch)
     out = str(tmp_path / "out")
     # x2 x1 x0.2 of the script's default 0.05: 0.1 (diverges), 0.05 and 0.01.
     argv = ["--dataset", "fake", "--bits", "8", "--methods", "dhcnn", "--seeds", "0", "1", "--out", out,
